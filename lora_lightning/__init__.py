@@ -1,3 +1,42 @@
-"""lora-lightning: LoRA fine-tuning for PyTorch Lightning as a drop-in callback."""
+"""lora-lightning: LoRA fine-tuning for PyTorch Lightning as a drop-in callback.
+
+The core (config, layers, injection, merge, checkpoints, adapter files) is plain PyTorch;
+the Lightning callback sits on top of it and the Hydra app on top of that.
+"""
+
+from .adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .checkpoint import (
+    AdapterLoadError,
+    adapter_state_dict,
+    base_fingerprint,
+    load_adapter_state_dict,
+)
+from .config import LoRAConfig
+from .inject import InjectionReport, ParamCount, count_parameters, inject_lora, lora_layers
+from .layers import LoRALayer
+from .merge import disable_adapters, merge_lora, merged_state_dict, unload_lora, unmerge_lora
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "AdapterLoadError",
+    "InjectionReport",
+    "LoRAConfig",
+    "LoRALayer",
+    "ParamCount",
+    "adapter_state_dict",
+    "base_fingerprint",
+    "count_parameters",
+    "disable_adapters",
+    "inject_lora",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "lora_layers",
+    "merge_lora",
+    "merged_state_dict",
+    "read_adapter",
+    "save_adapter",
+    "unload_lora",
+    "unmerge_lora",
+]
