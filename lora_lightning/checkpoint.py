@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .inject import lora_layers
+from .inject import find_config, lora_layers
 
 
 class AdapterLoadError(ValueError):
@@ -120,3 +120,110 @@ def base_fingerprint(model: nn.Module) -> dict[str, object]:
         digest.update(f"{sample.sum().item():.6e}:{sample.abs().sum().item():.6e}".encode())
         n += 1
     return {"tensors": n, "sha256": digest.hexdigest()}
+
+
+# -- training checkpoints (plain dicts; the Lightning callback is a thin layer on these) --
+META_KEY = "lora_lightning"
+META_VERSION = 1
+SAVE_MODES = ("adapter", "full")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made for another rank, target set or base model."""
+
+
+def _classify_keys(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(trained keys, frozen parameter keys) of ``model.state_dict()``; the rest are buffers."""
+    trained = set(adapter_keys(model))
+    frozen = {
+        k for k, v in model.state_dict(keep_vars=True).items()
+        if isinstance(v, nn.Parameter) and k not in trained
+    }
+    return trained, frozen
+
+
+def checkpoint_meta(model: nn.Module, config, mode: str) -> dict[str, object]:
+    """Metadata stored beside a LoRA training checkpoint's state dict."""
+    if mode not in SAVE_MODES:
+        raise ValueError(f"checkpoint mode: got {mode!r}; expected one of {list(SAVE_MODES)}.")
+    layers = lora_layers(model)
+    return {
+        "version": META_VERSION,
+        "mode": mode,
+        "config": config.to_dict(),
+        "injected": sorted(layers),
+        "ranks": {n: m.r for n, m in layers.items()},
+        "fingerprint": base_fingerprint(model),
+    }
+
+
+def strip_to_adapter(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
+    """Drop the frozen base parameters from ``state_dict`` in place; keep trained tensors
+    and every buffer (training may change any buffer, BatchNorm statistics for example).
+    Returns how many keys were dropped."""
+    _, frozen = _classify_keys(model)
+    dropped = [k for k in state_dict if k in frozen]
+    for k in dropped:
+        del state_dict[k]
+    return len(dropped)
+
+
+def fill_base_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
+    """Add the model's own frozen base parameters to an adapter-only ``state_dict``.
+
+    Only frozen *parameters* are filled; a missing trained tensor or buffer stays missing,
+    so a strict load still reports it. Returns how many keys were added.
+    """
+    _, frozen = _classify_keys(model)
+    current = model.state_dict()
+    added = [k for k in frozen if k not in state_dict]
+    for k in added:
+        state_dict[k] = current[k]
+    return len(added)
+
+
+def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for another rank, target set or base model.
+
+    Raises :class:`CheckpointMismatchError` naming every difference found.
+    """
+    if not isinstance(meta, Mapping) or meta.get("version") != META_VERSION:
+        got = meta.get("version") if isinstance(meta, Mapping) else type(meta).__name__
+        raise CheckpointMismatchError(
+            f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
+        )
+    layers = lora_layers(model)
+    problems = []
+    saved = set(meta.get("injected", []))
+    here = set(layers)
+    if saved != here:
+        problems.append(
+            "different target modules: only in the checkpoint "
+            f"{_preview(sorted(saved - here), 5)}, only in the model "
+            f"{_preview(sorted(here - saved), 5)}"
+        )
+    ranks = meta.get("ranks", {})
+    diff = [f"{n}: checkpoint r={ranks[n]}, model r={layers[n].r}"
+            for n in sorted(saved & here) if ranks.get(n) != layers[n].r]
+    if diff:
+        problems.append(f"different rank for {len(diff)} module(s) ({'; '.join(diff[:5])})")
+    saved_cfg = meta.get("config", {})
+    cfg = find_config(model)
+    for key in ("alpha", "use_dora", "use_rslora", "bias", "modules_to_save"):
+        if cfg is not None and key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
+            problems.append(f"different {key}: checkpoint {saved_cfg[key]!r}, model "
+                            f"{getattr(cfg, key)!r}")
+    if meta.get("mode") == "adapter":
+        fp_saved, fp_here = meta.get("fingerprint", {}), base_fingerprint(model)
+        if fp_saved != fp_here:
+            problems.append(
+                "different base model: the checkpoint holds adapters only, trained on base "
+                f"weights with fingerprint {fp_saved.get('sha256', '?')[:12]} "
+                f"({fp_saved.get('tensors', '?')} tensors), but this model's base weights have "
+                f"{fp_here['sha256'][:12]} ({fp_here['tensors']} tensors)"
+            )
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source} does not fit this LoRA model: " + "; ".join(problems)
+            + ". Use the LoRAConfig and base model the checkpoint was trained with."
+        )

@@ -1,0 +1,256 @@
+"""``LoRACallback``: drop-in LoRA for an existing Lightning ``Trainer``.
+
+Where each piece of work happens, and why (Lightning 2.x ``Trainer._run`` order: callback
+``setup`` → module ``setup`` → ``configure_model`` → module ``on_load_checkpoint`` → strict
+``load_state_dict`` → callback ``on_load_checkpoint`` → ``strategy.setup`` (wraps the
+model, then ``configure_optimizers``) → ``on_fit_start`` → optimizer restore):
+
+* **Injection** must see models built in ``__init__``, in ``LightningModule.setup`` and in
+  ``configure_model``, and must precede ``configure_optimizers``. The callback's ``setup``
+  runs too early, so it wraps this module instance's ``configure_model`` for one call:
+  the wrapper runs the user's hook, injects, and removes itself.
+* **Key reconciliation** must precede the strict load, which runs before any callback
+  ``on_load_checkpoint`` (and callback hooks are skipped for checkpoints without a
+  ``callbacks`` entry). So injection installs it: each LoRA layer's load hooks let its own
+  adapter keys be missing (a base checkpoint loads), and the module's own
+  ``on_save_checkpoint``/``on_load_checkpoint`` are wrapped to strip frozen base weights
+  from adapter-only checkpoints, then validate and refill them on load. The module hook
+  also runs under ``ModelCheckpoint(save_weights_only=True)``, where callback hooks do not.
+* The callback's own ``on_load_checkpoint`` only reports what was reconciled.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from .adapter_io import save_adapter
+from .checkpoint import (
+    META_KEY,
+    SAVE_MODES,
+    check_meta,
+    checkpoint_meta,
+    fill_base_keys,
+    strip_to_adapter,
+)
+from .config import LoRAConfig
+from .inject import InjectionReport, inject_lora, lora_layers
+from .merge import merged_state_dict
+from .summary import hparams_for, metrics_for, summary_table
+
+
+class LoRACallback(Callback):
+    """Inject LoRA adapters at ``setup`` and keep checkpoints correct.
+
+    Args:
+        config: a :class:`LoRAConfig`, or a mapping of its fields.
+        save: ``"adapter"`` (default) stores only trained tensors and buffers in
+            ``checkpoint["state_dict"]``, plus metadata; ``"full"`` keeps every weight.
+        export_adapter_dir: if set, save the adapter there (PEFT format) at fit end.
+        export_merged_path: if set, ``torch.save`` a merged plain state dict there at fit
+            end; it loads into the un-injected LightningModule with ``strict=True``.
+        check_optimizer: at train start, fail if a trainable adapter tensor is in no
+            optimizer.
+        verbose: print the summary table at fit start (global rank zero only).
+
+    Example::
+
+        trainer = Trainer(callbacks=[LoRACallback(LoRAConfig(r=8, target_modules=["query",
+                                                                                   "value"]))])
+    """
+
+    def __init__(
+        self,
+        config: LoRAConfig | Mapping[str, Any],
+        save: str = "adapter",
+        export_adapter_dir: str | None = None,
+        export_merged_path: str | None = None,
+        check_optimizer: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if isinstance(config, Mapping):
+            config = LoRAConfig.from_dict(dict(config))
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(
+                f"LoRACallback.config: expected a LoRAConfig or a mapping of its fields, got "
+                f"{type(config).__name__}."
+            )
+        if save not in SAVE_MODES:
+            raise ValueError(f"LoRACallback.save: got {save!r}; expected one of {list(SAVE_MODES)}.")
+        self.config = config
+        self.save = save
+        self.export_adapter_dir = export_adapter_dir
+        self.export_merged_path = export_merged_path
+        self.check_optimizer = check_optimizer
+        self.verbose = verbose
+        self.report: InjectionReport | None = None
+        self.reconciled_keys = 0
+        self._printed = False
+
+    # -- injection ---------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if "configure_model" not in pl_module.__dict__:
+            pl_module.configure_model = functools.partial(
+                _configure_model_then_inject, self, pl_module, stage
+            )
+
+    def inject(self, pl_module: LightningModule, where: str = "setup") -> InjectionReport:
+        """Inject into ``pl_module`` now (idempotent) and install the checkpoint hooks."""
+        try:
+            report = inject_lora(pl_module, self.config)
+        except ValueError as err:
+            if "matches no module" not in str(err):
+                raise
+            raise ValueError(
+                f"LoRACallback: {err} The LightningModule {type(pl_module).__name__} was "
+                f"inspected {where}, after its __init__, setup() and configure_model(); build "
+                "the model in one of those, or fix target_modules."
+            ) from err
+        if self.report is None or report.injected:
+            self.report = report  # counted here, before any strategy shards parameters
+        _enable_input_grads_for_checkpointing(pl_module)
+        _wrap_hook(pl_module, "on_save_checkpoint", _save_hook, self)
+        _wrap_hook(pl_module, "on_load_checkpoint", _load_hook, self)
+        return report
+
+    # -- reporting ---------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_reconciled()
+        if self.verbose and not self._printed and self.report is not None:
+            rank_zero_info(summary_table(pl_module, self.config, self.report))
+            self._printed = True
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _enable_input_grads_for_checkpointing(pl_module)
+        if self.check_optimizer:
+            _check_optimizers(trainer, pl_module)
+        if self.report is None or trainer.global_rank != 0:
+            return
+        metrics = metrics_for(self.report)
+        params = hparams_for(self.config, self.report)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            merged = dict(getattr(logger, "hparams", None) or {})
+            merged.update(params)
+            logger.log_hyperparams(merged)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        if self.export_adapter_dir:
+            path = save_adapter(pl_module, self.export_adapter_dir, self.config)
+            rank_zero_info(f"LoRA: adapter saved to {path} (PEFT format)")
+        if self.export_merged_path:
+            path = Path(self.export_merged_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(merged_state_dict(pl_module), tmp)
+            tmp.replace(path)
+            rank_zero_info(f"LoRA: merged weights saved to {path}")
+
+    # -- checkpoint state --------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "save": self.save}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config")
+        if saved is not None and saved != self.config.to_dict():
+            rank_zero_warn(
+                f"LoRACallback: the checkpoint's callback state has config {saved}, this "
+                f"callback has {self.config.to_dict()}; the weights were checked against the "
+                "model, so training continues with this callback's config."
+            )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._report_reconciled()
+
+    def _report_reconciled(self) -> None:
+        if self.reconciled_keys:
+            rank_zero_info(
+                f"LoRA: the checkpoint had no adapter weights; reconciled "
+                f"{self.reconciled_keys} adapter key(s), which keep their fresh initialisation."
+            )
+            self.reconciled_keys = 0
+
+
+# -- hooks installed on the LightningModule instance --------------------------------------
+def _configure_model_then_inject(
+    callback: LoRACallback, pl_module: LightningModule, stage: str
+) -> None:
+    pl_module.__dict__.pop("configure_model", None)  # one call only: restore the class hook
+    pl_module.configure_model()
+    callback.inject(pl_module, where=f"in configure_model (stage {stage!r})")
+
+
+def _wrap_hook(pl_module: LightningModule, name: str, hook, callback: LoRACallback) -> None:
+    current = pl_module.__dict__.get(name)
+    if isinstance(current, functools.partial) and current.func is hook:
+        return
+    original = getattr(pl_module, name)
+    setattr(pl_module, name, functools.partial(hook, callback, pl_module, original))
+
+
+def _save_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> None:
+    original(checkpoint)
+    meta = checkpoint_meta(pl_module, callback.config, callback.save)
+    if callback.save == "adapter":
+        meta["dropped_keys"] = strip_to_adapter(pl_module, checkpoint["state_dict"])
+    checkpoint[META_KEY] = meta
+
+
+def _load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> None:
+    original(checkpoint)
+    meta = checkpoint.get(META_KEY)
+    if meta is None:
+        # A checkpoint without LoRA (a base model): the layers' load hooks let exactly
+        # their own adapter keys be missing; count them for the report.
+        sd = checkpoint.get("state_dict", {})
+        callback.reconciled_keys += sum(
+            1 for n, m in lora_layers(pl_module).items()
+            for p in m.adapter_param_names() if f"{n}.{p}" not in sd
+        )
+        return
+    check_meta(pl_module, meta, source="checkpoint")
+    if meta.get("mode") == "adapter":
+        fill_base_keys(pl_module, checkpoint["state_dict"])
+
+
+def _check_optimizers(trainer: Trainer, pl_module: LightningModule) -> None:
+    in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_opt]
+    if missing:
+        raise RuntimeError(
+            f"LoRACallback: {len(missing)} trainable parameter(s) are in no optimizer and would "
+            f"never train: {missing[:10]}{' ...' if len(missing) > 10 else ''}. Build the "
+            "optimizer in configure_optimizers() from the parameters that require grad, e.g. "
+            "`torch.optim.AdamW([p for p in self.parameters() if p.requires_grad])`; do not "
+            "create it in __init__ or from a parameter list taken before LoRA was injected."
+        )
+
+
+def _enable_input_grads_for_checkpointing(pl_module: LightningModule) -> None:
+    """With gradient checkpointing and a frozen embedding, reentrant checkpoints see inputs
+    that do not require grad and silently drop the adapters' gradients. HF models offer
+    ``enable_input_require_grads`` for exactly this; call it where checkpointing is on."""
+    for m in pl_module.modules():
+        if getattr(m, "is_gradient_checkpointing", False) and hasattr(
+            m, "enable_input_require_grads"
+        ) and not getattr(m, "_lora_input_grads", False):
+            m.enable_input_require_grads()
+            m._lora_input_grads = True
