@@ -35,6 +35,7 @@ from .adapter_io import save_adapter
 from .checkpoint import (
     META_KEY,
     SAVE_MODES,
+    check_adapter_keys_present,
     check_meta,
     checkpoint_meta,
     fill_base_keys,
@@ -92,6 +93,7 @@ class LoRACallback(Callback):
         self.verbose = verbose
         self.report: InjectionReport | None = None
         self.reconciled_keys = 0
+        self.dropped_optimizer_state = False
         self._printed = False
 
     # -- injection ---------------------------------------------------------------------
@@ -185,8 +187,11 @@ class LoRACallback(Callback):
             rank_zero_info(
                 f"LoRA: the checkpoint had no adapter weights; reconciled "
                 f"{self.reconciled_keys} adapter key(s), which keep their fresh initialisation."
+                + (" Its optimizer and LR-scheduler states (of the base run's parameters) were "
+                   "not restored; they start fresh." if self.dropped_optimizer_state else "")
             )
             self.reconciled_keys = 0
+            self.dropped_optimizer_state = False
 
 
 # -- hooks installed on the LightningModule instance --------------------------------------
@@ -195,14 +200,18 @@ def _configure_model_then_inject(
 ) -> None:
     pl_module.__dict__.pop("configure_model", None)  # one call only: restore the class hook
     pl_module.configure_model()
+    stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
     callback.inject(pl_module, where=f"in configure_model (stage {stage!r})")
 
 
 def _wrap_hook(pl_module: LightningModule, name: str, hook, callback: LoRACallback) -> None:
     current = pl_module.__dict__.get(name)
     if isinstance(current, functools.partial) and current.func is hook:
-        return
-    original = getattr(pl_module, name)
+        # Wrapped by an earlier fit: rebind to this callback (its save mode and report),
+        # around the same user hook, so hooks never stack.
+        original = current.args[2]
+    else:
+        original = getattr(pl_module, name)
     setattr(pl_module, name, functools.partial(hook, callback, pl_module, original))
 
 
@@ -221,12 +230,22 @@ def _load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> Non
         # A checkpoint without LoRA (a base model): the layers' load hooks let exactly
         # their own adapter keys be missing; count them for the report.
         sd = checkpoint.get("state_dict", {})
-        callback.reconciled_keys += sum(
+        absent = sum(
             1 for n, m in lora_layers(pl_module).items()
             for p in m.adapter_param_names() if f"{n}.{p}" not in sd
         )
+        callback.reconciled_keys += absent
+        if absent:
+            # Its optimizer and scheduler states belong to the base run's parameters, not
+            # to the adapters: restoring them would fail or pair moments with wrong tensors.
+            callback.dropped_optimizer_state = bool(
+                checkpoint.get("optimizer_states") or checkpoint.get("lr_schedulers")
+            )
+            checkpoint["optimizer_states"] = []
+            checkpoint["lr_schedulers"] = []
         return
     check_meta(pl_module, meta, source="checkpoint")
+    check_adapter_keys_present(pl_module, checkpoint.get("state_dict", {}), source="checkpoint")
     if meta.get("mode") == "adapter":
         fill_base_keys(pl_module, checkpoint["state_dict"])
 

@@ -182,6 +182,27 @@ def fill_base_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
     return len(added)
 
 
+def check_adapter_keys_present(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint"
+) -> None:
+    """Refuse a LoRA checkpoint whose state dict lacks adapter tensors.
+
+    The layers' load hooks let adapter keys be missing so that a *base* checkpoint loads;
+    a checkpoint saved with LoRA must hold them all, or the adapters would silently keep
+    their fresh initialisation. Raises :class:`AdapterLoadError` naming the missing keys.
+    """
+    missing = sorted(
+        f"{name}.{p}" for name, layer in lora_layers(model).items()
+        for p in layer.adapter_param_names() if f"{name}.{p}" not in state_dict
+    )
+    if missing:
+        raise AdapterLoadError(
+            f"{source}: the LoRA checkpoint lacks adapter keys {_preview(missing)}; a "
+            "checkpoint saved with LoRA must hold every adapter tensor (was it edited or "
+            "saved by another tool?)."
+        )
+
+
 def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
     """Refuse a checkpoint made for another rank, target set or base model.
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from .checkpoint import META_KEY, check_meta, fill_base_keys
+from .checkpoint import META_KEY, check_adapter_keys_present, check_meta, fill_base_keys
 from .config import LoRAConfig
 from .inject import inject_lora
 from .merge import merge_lora
@@ -113,6 +113,8 @@ def load_lora_checkpoint(
     if meta is not None:
         check_meta(model, meta, source=str(checkpoint_path))
     state = dict(ckpt["state_dict"])
+    if meta is not None:
+        check_adapter_keys_present(model, state, source=str(checkpoint_path))
     if meta is not None and meta.get("mode") == "adapter":
         fill_base_keys(model, state)
     model.load_state_dict(state, strict=strict)
