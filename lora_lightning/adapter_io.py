@@ -80,11 +80,15 @@ def from_peft_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # -- config translation ---------------------------------------------------------------
 def to_peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
-    """A PEFT ``LoraConfig`` dict naming exactly the modules that carry adapters."""
+    """A PEFT ``LoraConfig`` dict naming exactly the modules that carry adapters (as a
+    full-match regex, so that no other module with the same name suffix is adapted)."""
     layers = lora_layers(model)
-    rank_pattern = {re.escape(n): m.r for n, m in layers.items() if m.r != config.r}
+    # Exact names only: a list would also match dotted suffixes ("lin" -> "block.lin"), and
+    # both PEFT and we match rank/alpha keys against suffixes too, hence the "^" anchor.
+    exact = {n: "^" + re.escape(n) for n in layers}
+    rank_pattern = {exact[n]: m.r for n, m in layers.items() if m.r != config.r}
     alpha_pattern = {
-        re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != config.alpha
+        exact[n]: m.lora_alpha for n, m in layers.items() if m.lora_alpha != config.alpha
     }
     return {
         "peft_type": "LORA",
@@ -94,7 +98,7 @@ def to_peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": sorted(layers),
+        "target_modules": "|".join(re.escape(n) for n in sorted(layers)),
         "exclude_modules": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

@@ -16,16 +16,28 @@ from typing import Any
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
+_SUFFIX_REGEX = r"(?:.*\.)?(?:{})"  # a rank/alpha key matches a name or a dotted suffix
 
 
 def _fail(name: str, value: Any, allowed: str, exc: type[Exception] = ValueError) -> None:
     raise exc(f"LoRAConfig.{name}: got {value!r}; {allowed}.")
 
 
-def _check_regex(name: str, pattern: str) -> None:
+def _finite(value: float) -> bool:
+    """``math.isfinite``, but False (not OverflowError) for an int too big for a float."""
     try:
-        re.compile(pattern)
-    except re.error as err:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_regex(name: str, pattern: str, template: str = "{}") -> None:
+    # ``template`` is the form the pattern is used in (rank/alpha keys are embedded in a
+    # suffix regex, where for example a mid-pattern "(?i)" is an error). re.compile raises
+    # OverflowError for huge repeat counts and RecursionError for very deep nesting.
+    try:
+        re.compile(template.format(pattern))
+    except (re.error, OverflowError, RecursionError) as err:
         _fail(name, pattern, f"expected a valid regular expression ({err})")
 
 
@@ -63,14 +75,14 @@ def _check_pattern(name: str, value: Any, kind: type, positive: bool) -> dict[st
     for key, v in value.items():
         if not isinstance(key, str) or not key:
             _fail(name, value, "expected non-empty regex strings as keys", TypeError)
-        _check_regex(name, key)
+        _check_regex(name, key, _SUFFIX_REGEX)
         if isinstance(v, bool) or not isinstance(v, kind | int):
             _fail(name, value, f"expected {kind.__name__} values (key {key!r} has {v!r})",
                   TypeError)
         if kind is int and not isinstance(v, int):
             _fail(name, value, f"expected integer ranks (key {key!r} has {v!r})", TypeError)
-        if positive and not (v > 0 and math.isfinite(v)):
-            _fail(name, value, f"expected values > 0 (key {key!r} has {v!r})")
+        if positive and not (v > 0 and (kind is int or _finite(v))):
+            _fail(name, value, f"expected finite values > 0 (key {key!r} has {v!r})")
         out[key] = kind(v)
     return out
 
@@ -123,7 +135,7 @@ class LoRAConfig:
             _fail("r", self.r, "expected an integer >= 1")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
             _fail("alpha", self.alpha, "expected a number > 0", TypeError)
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+        if not (self.alpha > 0 and _finite(self.alpha)):
             _fail("alpha", self.alpha, "expected a finite number > 0")
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
@@ -186,7 +198,7 @@ class LoRAConfig:
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+        if re.fullmatch(_SUFFIX_REGEX.format(key), name):
             return value
     return default
 

@@ -150,16 +150,20 @@ def _freeze(model: nn.Module, config: LoRAConfig) -> None:
             if n == "bias" or n.endswith(".bias"):
                 p.requires_grad_(True)
     if config.modules_to_save:
-        found = False
         for name, m in model.named_modules():
             if name and name_matches(name, config.modules_to_save):
-                found = True
                 m.requires_grad_(True)
-        if not found:
-            raise ValueError(
-                f"LoRAConfig.modules_to_save: got {config.modules_to_save!r}, which matches no "
-                f"module; candidates include {[n for n, _ in model.named_children()]}."
-            )
+
+
+def _check_modules_to_save(model: nn.Module, config: LoRAConfig) -> None:
+    # Checked before any module is swapped, so a bad config leaves the model untouched.
+    if config.modules_to_save and not any(
+        name and name_matches(name, config.modules_to_save) for name, _ in model.named_modules()
+    ):
+        raise ValueError(
+            f"LoRAConfig.modules_to_save: got {config.modules_to_save!r}, which matches no "
+            f"module; candidates include {[n for n, _ in model.named_children()]}."
+        )
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> InjectionReport:
@@ -209,6 +213,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> InjectionReport:
             f"LoRAConfig.target_modules: got {config.target_modules!r}, which matches no "
             f"module of a supported type; candidates: {_candidates(model)}."
         )
+    _check_modules_to_save(model, config)
     for name, module, cls in todo:
         r, alpha = config.rank_for(name), config.alpha_for(name)
         module.__class__ = cls

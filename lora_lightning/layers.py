@@ -77,7 +77,10 @@ class LoRALayer:
         if use_dora:
             with torch.no_grad():
                 norm = self._dora_weight_norm()
-            self.lora_magnitude = nn.Parameter(norm.reshape(self._magnitude_shape()).clone())
+            # In the weight's dtype: a float32 magnitude would promote a bf16 layer's output.
+            self.lora_magnitude = nn.Parameter(
+                norm.reshape(self._magnitude_shape()).to(w.dtype, copy=True)
+            )
         self._lora_hooks = (
             self.register_load_state_dict_pre_hook(self._lora_pre_load_hook),
             self.register_load_state_dict_post_hook(self._lora_post_load_hook),
@@ -377,8 +380,9 @@ def supported_type_names() -> list[str]:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for the types that ``"all-linear"`` targets: nn.Linear and HF Conv1D."""
-    t = type(module)
+    """True for the types that ``"all-linear"`` targets: nn.Linear and HF Conv1D (also
+    once adapted, so that injecting again finds the modules it adapted before)."""
+    t = module._lora_base_class if isinstance(module, LoRALayer) else type(module)
     return t is nn.Linear or (t.__name__ == "Conv1D" and t.__module__.startswith("transformers"))
 
 
