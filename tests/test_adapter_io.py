@@ -1,0 +1,485 @@
+"""Tests for adapter directories: the PEFT file layout, round trips, interoperability with
+PEFT in both directions, and errors that name the offending file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lora_lightning import (
+    AdapterFileError,
+    AdapterLoadError,
+    LoRAConfig,
+    LoRALayer,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    read_adapter,
+    save_adapter,
+)
+
+Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run far faster on one thread, above all on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Sub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)  # same name as the top-level "lin"
+
+
+class Model(nn.Module):
+    """Every supported base type, a nested module sharing a name suffix, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.lin = nn.Linear(8, 8)
+        self.block = Sub()
+        self.g = Conv1D(8, 8)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.g(self.block.lin(self.lin(self.emb(ids))))  # (B, L, 8)
+        t = self.c1(h.transpose(1, 2))  # (B, 8, L)
+        t = self.c2(t.unsqueeze(-1).expand(-1, -1, -1, 2)).mean(-1)
+        return self.head(t.mean(-1))
+
+
+X = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(0))
+PREFIX = "base_model.model."
+TOP = ["emb", "lin", "g", "c1", "c2"]
+
+VARIANTS = {
+    "lora": {},
+    "dora": {"use_dora": True},  # DoRA has no Embedding support here
+    "rslora": {"use_rslora": True},
+}
+
+
+def our_config(variant: str, **overrides) -> LoRAConfig:
+    targets = [t for t in TOP if not (variant == "dora" and t == "emb")]
+    kwargs = {
+        "r": 2, "alpha": 4.0, "target_modules": "|".join(targets),  # top level only
+        "rank_pattern": {"lin": 3}, "alpha_pattern": {"g": 5.0}, "bias": "lora_only",
+        "modules_to_save": ["head"], **VARIANTS[variant], **overrides,
+    }
+    return LoRAConfig(**kwargs)
+
+
+def base_model(seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    return Model().eval()
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def trained(variant: str = "lora", seed: int = 0, **overrides) -> tuple[Model, Model]:
+    """(an injected and trained model, an un-injected copy of its base)."""
+    model = base_model(seed)
+    base = copy.deepcopy(model)
+    inject_lora(model, our_config(variant, **overrides))
+    perturb(model, seed + 100)
+    return model.eval(), base
+
+
+def state(model: nn.Module) -> dict:
+    return {
+        "classes": {n: type(m) for n, m in model.named_modules()},
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "config": [m.__dict__.get("_lora_config") for m in model.modules()],
+    }
+
+
+def assert_state(model: nn.Module, before: dict) -> None:
+    now = state(model)
+    assert now["classes"] == before["classes"]
+    assert now["grad"] == before["grad"]
+    assert now["config"] == before["config"]
+    assert set(now["tensors"]) == set(before["tensors"])
+    for k, v in before["tensors"].items():
+        assert torch.equal(now["tensors"][k], v), k
+
+
+# -- our own round trip ----------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_save_load_round_trip_into_fresh_model(variant, tmp_path):
+    model, base = trained(variant)
+    y = model(X)
+    save_adapter(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path) is fresh
+    fresh.eval()
+    assert set(lora_layers(fresh)) == set(lora_layers(model))  # not block.lin
+    assert {n: m.r for n, m in lora_layers(fresh).items()} == {
+        n: m.r for n, m in lora_layers(model).items()
+    }
+    assert fresh.lin.r == 3 and fresh.c1.r == 2
+    assert fresh.g.lora_alpha == 5.0 and fresh.lin.lora_alpha == 4.0
+    torch.testing.assert_close(fresh(X), y, rtol=0, atol=1e-6)
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_load_into_injected_model_replaces_adapters(tmp_path):
+    model, base = trained("lora", seed=0)
+    save_adapter(model, tmp_path)
+    other = copy.deepcopy(base)
+    inject_lora(other, our_config("lora"))
+    load_adapter(other, tmp_path)
+    torch.testing.assert_close(other.eval()(X), model(X), rtol=0, atol=1e-6)
+
+
+def test_read_adapter_gives_config_and_our_keys(tmp_path):
+    model, _ = trained("dora")
+    save_adapter(model, tmp_path)
+    cfg, sd = read_adapter(tmp_path)
+    assert isinstance(cfg, LoRAConfig)
+    assert (cfg.r, cfg.alpha, cfg.use_dora, cfg.bias) == (2, 4.0, True, "lora_only")
+    assert cfg.modules_to_save == ["head"]
+    ours = {k: v for k, v in model.state_dict().items() if k in sd}
+    assert set(sd) == set(ours)
+    assert all(torch.equal(sd[k], ours[k]) for k in sd)
+
+
+def test_save_overwrites_and_leaves_no_temporary_files(tmp_path):
+    model, _ = trained("lora", seed=0)
+    save_adapter(model, tmp_path / "a" / "b")
+    perturb(model, 7)
+    save_adapter(model, tmp_path / "a" / "b")
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors",
+    ]
+    _, sd = read_adapter(tmp_path / "a" / "b")
+    assert torch.equal(sd["lin.lora_B"], model.lin.lora_B.detach())
+
+
+def test_save_needs_lora_layers(tmp_path):
+    with pytest.raises(ValueError, match=r"save_adapter: the model has no LoRA layers"):
+        save_adapter(base_model(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- file layout -----------------------------------------------------------------------
+def expected_keys(variant: str) -> dict[str, tuple[int, ...]]:
+    lora_r = {"lin": 3}
+    keys: dict[str, tuple[int, ...]] = {}
+    if variant != "dora":
+        keys["emb.lora_embedding_A"] = (2, 10)
+        keys["emb.lora_embedding_B"] = (8, 2)
+    kernels = {"lin": (), "g": (), "c1": (3,), "c2": (3, 3)}
+    for name, k in kernels.items():
+        r = lora_r.get(name, 2)
+        keys[f"{name}.lora_A.weight"] = (r, 8, *k)
+        keys[f"{name}.lora_B.weight"] = (8, r, *([1] * len(k)))
+        keys[f"{name}.base_layer.bias"] = (8,)
+        if variant == "dora":
+            keys[f"{name}.lora_magnitude_vector"] = (1, 8, 1) if name == "c1" else (
+                (1, 8, 1, 1) if name == "c2" else (8,)
+            )
+    keys["head.weight"] = (3, 8)
+    keys["head.bias"] = (3,)
+    return {PREFIX + k: v for k, v in keys.items()}
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_file_layout(variant, tmp_path):
+    model, _ = trained(variant)
+    assert save_adapter(model, tmp_path) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors",
+    ]
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_keys(variant)
+    assert torch.equal(tensors[PREFIX + "lin.lora_A.weight"], model.lin.lora_A.detach())
+    assert torch.equal(tensors[PREFIX + "lin.base_layer.bias"], model.lin.bias.detach())
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["peft_type"] == "LORA"
+    assert (data["r"], data["lora_alpha"], data["bias"]) == (2, 4.0, "lora_only")
+    assert data["use_dora"] is (variant == "dora")
+    assert data["modules_to_save"] == ["head"]
+    adapted = set(lora_layers(model))
+    names = [n for n, _ in model.named_modules() if n]
+
+    def peft_pattern_matches(patterns):  # PEFT's rule: the key matches a dotted suffix
+        return {n: v for n in names for k, v in patterns.items()
+                if re.match(rf"(.*\.)?({k})$", n)}
+
+    assert peft_pattern_matches(data["rank_pattern"]) == {"lin": 3}
+    assert peft_pattern_matches(data["alpha_pattern"]) == {"g": 5.0}
+    assert {n for n in names if re.fullmatch(data["target_modules"], n)} == adapted
+    assert not re.fullmatch(data["target_modules"], "block.lin")
+
+
+# -- PEFT interop ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def peft():
+    return pytest.importorskip("peft")
+
+
+def peft_adapted(pm) -> dict[str, int]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        n.removeprefix(PREFIX): m.r["default"]
+        for n, m in pm.named_modules() if isinstance(m, LoraLayer)
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ours_loads_in_peft(variant, peft, tmp_path):
+    model, base = trained(variant)
+    y = model(X)
+    assert not torch.allclose(y, base(X), atol=0.1)
+    save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert peft_adapted(pm) == {n: m.r for n, m in lora_layers(model).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(pm(X), y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_sees_exactly_our_ranks_for_shared_suffixes(peft, tmp_path):
+    """Top-level "lin" has rank 3, nested "block.lin" rank 2: the file must not let PEFT's
+    suffix matching give "block.lin" the rank of "lin"."""
+    model, base = trained("lora", target_modules=["lin", "block.lin", "g"],
+                          rank_pattern={"^lin": 3})
+    assert (model.lin.r, model.block.lin.r) == (3, 2)
+    save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert peft_adapted(pm) == {"lin": 3, "block.lin": 2, "g": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(pm(X), model(X), rtol=0, atol=1e-5)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+    assert {n: m.r for n, m in lora_layers(fresh).items()} == {"lin": 3, "block.lin": 2, "g": 2}
+
+
+def peft_trained(peft, variant: str, base: Model):
+    """A PEFT model with random adapters (and trained biases, head, magnitudes)."""
+    targets = [t for t in TOP if not (variant == "dora" and t == "emb")]
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=targets, rank_pattern={"lin": 3},
+        alpha_pattern={"g": 5.0}, bias="lora_only", modules_to_save=["head"],
+        init_lora_weights=False, use_dora=variant == "dora", use_rslora=variant == "rslora",
+    )
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    perturb(pm, 5)
+    with torch.no_grad():  # keep outputs O(1) so that 1e-5 is a tight tolerance
+        for name, p in pm.named_parameters():
+            if re.search(r"lora_(embedding_)?B", name):
+                p.mul_(0.25)
+    return pm.eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_peft_adapter_loads_here(variant, peft, tmp_path):
+    base = base_model()
+    pm = peft_trained(peft, variant, base)
+    with torch.no_grad():
+        y = pm(X)
+        assert 0.5 < y.abs().max() < 5  # far from the base output, still O(1)
+        assert not torch.allclose(y, base(X), atol=0.1)
+    pm.save_pretrained(str(tmp_path))
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path)
+    model.eval()
+    # A list target also matches the nested "block.lin", in PEFT and here alike.
+    assert {n: m.r for n, m in lora_layers(model).items()} == peft_adapted(pm)
+    assert model.block.lin.r == 3
+    torch.testing.assert_close(model(X), y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_our_file_keys_match_peft_file_keys(variant, peft, tmp_path):
+    base = base_model()
+    targets = [t for t in TOP if not (variant == "dora" and t == "emb")]
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules="|".join(targets), rank_pattern={"lin": 3},
+        bias="lora_only", modules_to_save=["head"], use_dora=variant == "dora",
+    )
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(str(tmp_path / "peft"))
+    peft_tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    model, _ = trained(variant)
+    save_adapter(model, tmp_path / "ours")
+    our_tensors = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in peft_tensors.items()}
+    assert shapes == {k: tuple(v.shape) for k, v in our_tensors.items()}
+    assert shapes == expected_keys(variant)
+
+
+# -- errors ----------------------------------------------------------------------------
+def _saved(tmp_path: Path) -> Path:
+    model, _ = trained("lora")
+    return save_adapter(model, tmp_path / "adapter")
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            del data[key]
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _missing_dir(d):
+    return d.parent / "nope", r"adapter directory '.*nope' does not exist"
+
+
+def _missing_config(d):
+    (d / "adapter_config.json").unlink()
+    return d, r"adapter_config\.json: missing; an adapter directory needs adapter_config\.json"
+
+
+def _garbled_json(d):
+    (d / "adapter_config.json").write_text('{"r": 2,, "peft_type"')
+    return d, r"adapter_config\.json: not valid JSON"
+
+
+def _binary_json(d):
+    (d / "adapter_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    return d, r"adapter_config\.json: not valid JSON"
+
+
+def _json_not_object(d):
+    (d / "adapter_config.json").write_text("[1, 2]")
+    return d, r"adapter_config\.json: expected a JSON object, got list"
+
+
+def _truncated_weights(d):
+    path = d / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return d, r"adapter_model\.safetensors: unreadable safetensors file"
+
+
+def _tiny_weights(d):
+    path = d / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:5])
+    return d, r"adapter_model\.safetensors: unreadable safetensors file"
+
+
+def _missing_weights(d):
+    (d / "adapter_model.safetensors").unlink()
+    return d, r"adapter_model\.safetensors: missing"
+
+
+def _peft_type(d):
+    _edit_config(d, peft_type="LOHA")
+    return d, r"adapter_config\.json: peft_type is 'LOHA'; only 'LORA' adapters load here"
+
+
+def _layers_to_transform(d):
+    _edit_config(d, layers_to_transform=[0, 1])
+    return d, (r"adapter_config\.json: field 'layers_to_transform' is \[0, 1\], a PEFT feature "
+               r"lora-lightning does not implement")
+
+
+def _lora_bias(d):
+    _edit_config(d, lora_bias=True)
+    return d, r"adapter_config\.json: field 'lora_bias' is True"
+
+
+def _required_field(d):
+    _edit_config(d, r=...)
+    return d, r"adapter_config\.json: required field 'r' is missing"
+
+
+def _invalid_setting(d):
+    _edit_config(d, lora_dropout=1.5)
+    return d, (r"adapter_config\.json: invalid LoRA settings: LoRAConfig\.dropout: got 1\.5")
+
+
+FILE_ERRORS = [
+    _missing_dir, _missing_config, _garbled_json, _binary_json, _json_not_object,
+    _truncated_weights, _tiny_weights, _missing_weights, _peft_type, _layers_to_transform,
+    _lora_bias, _required_field, _invalid_setting,
+]
+
+
+@pytest.mark.parametrize("breaker", FILE_ERRORS, ids=lambda f: f.__name__.strip("_"))
+def test_file_errors_name_the_file_and_leave_model_unchanged(breaker, tmp_path):
+    directory, pattern = breaker(_saved(tmp_path))
+    with pytest.raises(AdapterFileError, match=pattern) as info:
+        read_adapter(directory)
+    message = str(info.value)
+    named = directory if breaker is _missing_dir else None
+    if named is None:
+        named = directory / ("adapter_model.safetensors" if "safetensors" in pattern
+                             else "adapter_config.json")
+    assert str(named) in message
+    model = base_model()
+    model.emb.requires_grad_(False)  # a flag that must survive the failed load
+    before = state(model)
+    with pytest.raises(AdapterFileError, match=pattern):
+        load_adapter(model, directory)
+    assert_state(model, before)
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+
+
+def test_failed_load_of_mismatched_adapter_leaves_fresh_model_unchanged(tmp_path):
+    directory = _saved(tmp_path)
+    model = base_model()
+    model.c2 = nn.Conv2d(8, 4, 3, padding=1)  # c2 adapters no longer fit
+    model.lin.requires_grad_(False)
+    before = state(model)
+    with pytest.raises(AdapterLoadError, match=r"shape mismatch for 'c2\.lora_B'"):
+        load_adapter(model, directory)
+    assert_state(model, before)
+    assert lora_layers(model) == {}
+
+
+def test_failed_load_of_adapter_with_foreign_modules_to_save_leaves_model_unchanged(tmp_path):
+    directory = _saved(tmp_path)
+    _edit_config(directory, modules_to_save=["classifier"])
+    model = base_model()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"LoRAConfig\.modules_to_save: got \['classifier'\]"):
+        load_adapter(model, directory)
+    assert_state(model, before)
+
+
+def test_failed_load_into_injected_model_leaves_it_unchanged(tmp_path):
+    model, _ = trained("lora", seed=0)
+    directory = _saved(tmp_path)
+    del_key = PREFIX + "g.lora_B.weight"
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    del tensors[del_key]
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    before = state(model)
+    with pytest.raises(AdapterLoadError, match=r"missing adapter keys \['g\.lora_B'\]"):
+        load_adapter(model, directory)
+    assert_state(model, before)

@@ -1,0 +1,460 @@
+"""Tests for the LoRA layer types: forward, merge/unmerge, merged state dicts, dropout,
+train/eval behaviour and gradients, for every supported base type.
+
+Expected values come from a reference written here from the math (ΔW = B·A in each base's
+weight layout, y = W'x with W' = W + scale·ΔW, DoRA W' = m·(W + scale·ΔW)/‖·‖ per output),
+not from the library's own ``merged_weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora_lightning import (
+    LoRAConfig,
+    LoRALayer,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    merged_state_dict,
+    unmerge_lora,
+)
+
+Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run far faster on one thread, above all on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Wrap(nn.Module):
+    """Holds the layer under test as ``layer`` so state-dict keys are ``layer.*``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+# name -> (base factory, input factory)
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), lambda g: torch.randn(3, 6, generator=g)),
+    "conv1d_k1": (lambda: nn.Conv1d(4, 5, 1), lambda g: torch.randn(2, 4, 7, generator=g)),
+    "conv1d_k3": (lambda: nn.Conv1d(4, 5, 3, padding=1),
+                  lambda g: torch.randn(2, 4, 7, generator=g)),
+    "conv2d_k1": (lambda: nn.Conv2d(3, 4, 1), lambda g: torch.randn(2, 3, 5, 5, generator=g)),
+    "conv2d_k3_s2_p1": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                        lambda g: torch.randn(2, 3, 7, 7, generator=g)),
+    "embedding": (lambda: nn.Embedding(11, 6, padding_idx=0),
+                  lambda g: torch.randint(0, 11, (3, 4), generator=g)),
+    "hf_conv1d": (lambda: Conv1D(5, 6), lambda g: torch.randn(2, 3, 6, generator=g)),
+}
+VARIANTS = {
+    "lora": {},
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "gaussian": {"init": "gaussian"},
+    "dropout": {"dropout": 0.3},
+}
+CASES = [
+    pytest.param(layer, variant, id=f"{layer}-{variant}")
+    for layer in LAYERS for variant in VARIANTS
+    if not (layer == "embedding" and variant == "dora")
+]
+R, ALPHA = 3, 5.0
+
+
+def build(layer_name: str, variant: str, seed: int = 0, **extra):
+    """(injected model, un-injected copy of the original, input, config)."""
+    torch.manual_seed(seed)
+    make, make_x = LAYERS[layer_name]
+    base = Wrap(make())
+    original = copy.deepcopy(base)
+    cfg = LoRAConfig(r=R, alpha=ALPHA, target_modules=["layer"], **{**VARIANTS[variant], **extra})
+    inject_lora(base, cfg)
+    x = make_x(torch.Generator().manual_seed(seed + 1))
+    return base, original, x, cfg
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        for p in (layer.lora_A, layer.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        if layer.use_dora:
+            m = layer.lora_magnitude
+            m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g))
+
+
+def ref_delta(layer) -> torch.Tensor:
+    """B·A in the base weight's native layout, written independently of the library."""
+    a, b = layer.lora_A.detach().float(), layer.lora_B.detach().float()
+    if isinstance(layer, nn.Linear):
+        return b @ a
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        return torch.einsum("or,r...->o...", b.reshape(b.shape[0], -1), a)
+    return (b @ a).T  # Embedding (num, dim) and HF Conv1D (in, out)
+
+
+def out_first(layer, w: torch.Tensor) -> torch.Tensor:
+    return w.T if isinstance(layer, nn.Embedding | Conv1D) else w
+
+
+def ref_scaling(cfg: LoRAConfig) -> float:
+    return ALPHA / math.sqrt(R) if cfg.use_rslora else ALPHA / R
+
+
+def ref_merged_weight(layer, cfg: LoRAConfig) -> torch.Tensor:
+    w = out_first(layer, layer.weight.detach().float()) + ref_scaling(cfg) * out_first(
+        layer, ref_delta(layer)
+    )
+    if cfg.use_dora:
+        norm = w.flatten(1).norm(dim=1)
+        m = layer.lora_magnitude.detach().float().reshape(-1)
+        w = w * (m / norm).reshape((-1,) + (1,) * (w.dim() - 1))
+    return out_first(layer, w)
+
+
+def weight_scale(*tensors: torch.Tensor) -> float:
+    return max(float(t.abs().max()) for t in tensors)
+
+
+# -- at injection ----------------------------------------------------------------------
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_injected_output_equals_base_exactly(layer_name, variant, mode):
+    model, original, x, _ = build(layer_name, variant)
+    layer = model.layer
+    assert isinstance(layer, LoRALayer) and isinstance(layer, type(original.layer))
+    assert layer.merged is False
+    if isinstance(layer, nn.Embedding):
+        assert torch.count_nonzero(layer.lora_A) == 0
+    else:
+        assert torch.count_nonzero(layer.lora_B) == 0
+    model.train(mode == "train")
+    original.train(mode == "train")
+    torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+def test_keys_and_adapter_shapes(layer_name, variant):
+    model, original, _, cfg = build(layer_name, variant)
+    layer = model.layer
+    adapter = {"layer.lora_A", "layer.lora_B"}
+    if cfg.use_dora:
+        adapter.add("layer.lora_magnitude")
+    assert set(model.state_dict()) == set(original.state_dict()) | adapter
+    delta = ref_delta(layer)
+    assert delta.shape == layer.weight.shape
+    assert layer.lora_A.shape[0] == R and layer.lora_B.shape[1] == R
+    assert layer.scaling == pytest.approx(ref_scaling(cfg), rel=1e-12)
+
+
+# -- forward math ----------------------------------------------------------------------
+def functional_forward(original: nn.Module, weight: torch.Tensor, x: torch.Tensor):
+    """The un-injected module's forward with ``weight`` swapped in."""
+    ref = copy.deepcopy(original)
+    with torch.no_grad():
+        ref.layer.weight.copy_(weight)
+    return ref(x)
+
+
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+def test_forward_matches_reference_math(layer_name, variant):
+    model, original, x, cfg = build(layer_name, variant)
+    randomise(model)
+    model.eval()
+    expected = functional_forward(original, ref_merged_weight(model.layer, cfg), x)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- merge / unmerge -------------------------------------------------------------------
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+def test_merge_unmerge_round_trip(layer_name, variant):
+    model, _, x, cfg = build(layer_name, variant)
+    randomise(model)
+    model.eval()
+    layer = model.layer
+    w0 = layer.weight.detach().clone()
+    y = model(x)
+    expected_merged = ref_merged_weight(layer, cfg)
+    assert merge_lora(model) == 1
+    assert layer.merged is True
+    scale = weight_scale(w0, expected_merged)
+    assert (layer.weight - expected_merged).abs().max() <= 1e-5 * scale
+    assert not torch.equal(layer.weight, w0)
+    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
+    assert merge_lora(model) == 0  # already merged: a no-op
+    assert unmerge_lora(model) == 1
+    assert layer.merged is False
+    assert (layer.weight - w0).abs().max() <= 1e-5 * scale
+    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
+    assert unmerge_lora(model) == 0
+
+
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+@pytest.mark.parametrize("merged", [False, True])
+def test_merged_state_dict_loads_strictly_into_original(layer_name, variant, merged):
+    model, original, x, cfg = build(layer_name, variant)
+    randomise(model)
+    model.eval()
+    y = model(x)
+    if merged:
+        merge_lora(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = merged_state_dict(model)
+    assert set(sd) == set(original.state_dict())
+    fresh = copy.deepcopy(original)
+    result = fresh.load_state_dict(sd, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert not any(isinstance(m, LoRALayer) for m in fresh.modules())
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=1e-5)
+    # The model itself is untouched.
+    assert model.layer.merged is merged
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# -- dropout ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+def test_eval_mode_is_deterministic(layer_name, variant):
+    model, _, x, _ = build(layer_name, variant)
+    randomise(model)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer_name", [n for n in LAYERS if n != "embedding"])
+@pytest.mark.parametrize("variant", ["dropout", "dora"])
+def test_train_mode_applies_dropout_to_adapter_path_only(layer_name, variant):
+    model, _, x, _ = build(layer_name, variant, dropout=0.5)
+    randomise(model)
+    model.train()
+    torch.manual_seed(1)
+    y1 = model(x)
+    y2 = model(x)
+    assert not torch.allclose(y1, y2)  # different dropout masks
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_dropout_feeds_only_the_adapter_path(dora, monkeypatch):
+    """y = Wx + b + s·B·A·drop(x); DoRA: y = Wx + b + (k-1)·W·drop(x) + k·s·B·A·drop(x)."""
+    model, original, x, cfg = build("linear", "dora" if dora else "lora", dropout=0.5)
+    randomise(model)
+    model.train()
+    layer = model.layer
+    mask = (torch.arange(x.shape[-1]) % 2).float() * 2.0  # a fixed "dropout" mask
+
+    def fixed_dropout(inp, p, training=True, inplace=False):
+        assert p == 0.5 and training
+        return inp * mask
+
+    monkeypatch.setattr(F, "dropout", fixed_dropout)
+    xd = x * mask
+    w, a, b = layer.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
+    s = ref_scaling(cfg)
+    lora = s * xd @ a.T @ b.T
+    base = original(x)
+    if dora:
+        k = layer.lora_magnitude.detach() / (w + s * b @ a).norm(dim=1)
+        expected = base + (k - 1) * (xd @ w.T) + k * lora
+    else:
+        expected = base + lora
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, original(x) + s * x @ a.T @ b.T)  # the mask matters
+
+
+@pytest.mark.parametrize(
+    ("layer_name", "variant"),
+    [(n, v) for n in LAYERS for v in ("lora", "dora") if (n, v) != ("embedding", "dora")],
+)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_no_dropout_means_no_copy_of_the_input(layer_name, variant, mode, monkeypatch):
+    model, _, x, _ = build(layer_name, variant)
+    randomise(model)
+    model.train(mode == "train")
+    layer = model.layer
+    seen = []
+    original_lora_out = layer._lora_out
+
+    def spy(inp):
+        seen.append(inp)
+        return original_lora_out(inp)
+
+    def no_dropout(*args, **kwargs):
+        raise AssertionError("F.dropout called with dropout=0")
+
+    monkeypatch.setattr(layer, "_lora_out", spy)
+    monkeypatch.setattr(F, "dropout", no_dropout)
+    model(x)
+    assert len(seen) == 1 and seen[0] is x
+
+
+def test_dropout_is_called_in_train_mode_only(monkeypatch):
+    """Positive control for the monkeypatch used above."""
+    model, _, x, _ = build("linear", "dropout")
+    calls = []
+    real = F.dropout
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "dropout", counting)
+    model.eval()
+    model(x)
+    assert calls == []
+    model.train()
+    model(x)
+    assert calls == [1]
+
+
+# -- train() / eval() never merge --------------------------------------------------------
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+def test_train_eval_never_merge(layer_name, variant):
+    model, _, x, _ = build(layer_name, variant)
+    randomise(model)
+    layer = model.layer
+    w0 = layer.weight.detach().clone()
+    for toggle in (model.eval, model.train, model.eval, lambda: setattr(layer, "training", False),
+                   lambda: setattr(layer, "training", True)):
+        toggle()
+        assert layer.merged is False
+        assert torch.equal(layer.weight, w0)
+    model.eval()
+    merge_lora(model)
+    w_merged = layer.weight.detach().clone()
+    for toggle in (model.train, model.eval, lambda: setattr(layer, "training", True)):
+        toggle()
+        assert layer.merged is True
+        assert torch.equal(layer.weight, w_merged)
+
+
+# -- gradients ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("layer_name", "variant"), CASES)
+def test_gradients_reach_adapters_not_weight(layer_name, variant):
+    model, _, x, cfg = build(layer_name, variant)
+    randomise(model)
+    model.train()
+    layer = model.layer
+    assert layer.weight.requires_grad is False
+    model(x).pow(2).sum().backward()
+    assert layer.weight.grad is None
+    names = ["lora_A", "lora_B"] + (["lora_magnitude"] if cfg.use_dora else [])
+    for name in names:
+        grad = getattr(layer, name).grad
+        assert grad is not None, name
+        assert torch.count_nonzero(grad) > 0, name
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        assert bias.requires_grad is False and bias.grad is None  # bias="none"
+
+
+# -- property tests ----------------------------------------------------------------------
+def _roundtrip_and_merged_sd(base: nn.Module, x: torch.Tensor, cfg: LoRAConfig, seed: int):
+    torch.manual_seed(seed)
+    model = Wrap(base)
+    original = copy.deepcopy(model)
+    inject_lora(model, cfg)
+    randomise(model, seed, std=0.2)
+    model.eval()
+    layer = model.layer
+    w0 = layer.weight.detach().clone()
+    y = model(x)
+    sd = merged_state_dict(model)
+    fresh = copy.deepcopy(original)
+    fresh.load_state_dict(sd, strict=True)
+    tol = 1e-5 * max(1.0, float(y.detach().abs().max()))
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=tol)
+    merge_lora(model)
+    merged = layer.weight.detach().clone()
+    torch.testing.assert_close(model(x), y, rtol=0, atol=tol)
+    torch.testing.assert_close(merged, sd["layer.weight"], rtol=0, atol=0)
+    unmerge_lora(model)
+    assert (layer.weight - w0).abs().max() <= 1e-5 * weight_scale(w0, merged)
+
+
+_common = {
+    "r": st.integers(1, 8),
+    "alpha": st.floats(0.1, 32.0),
+    "dora": st.booleans(),
+    "rslora": st.booleans(),
+    "seed": st.integers(0, 2**16),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(fan_in=st.integers(1, 32), fan_out=st.integers(1, 32), bias=st.booleans(), **_common)
+def test_property_linear(fan_in, fan_out, bias, r, alpha, dora, rslora, seed):
+    cfg = LoRAConfig(r=r, alpha=alpha, target_modules=["layer"], use_dora=dora,
+                     use_rslora=rslora)
+    x = torch.randn(4, fan_in, generator=torch.Generator().manual_seed(seed))
+    _roundtrip_and_merged_sd(nn.Linear(fan_in, fan_out, bias=bias), x, cfg, seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(c_in=st.integers(1, 32), c_out=st.integers(1, 32), k=st.integers(1, 3),
+       stride=st.integers(1, 2), padding=st.integers(0, 1), **_common)
+def test_property_conv2d(c_in, c_out, k, stride, padding, r, alpha, dora, rslora, seed):
+    cfg = LoRAConfig(r=r, alpha=alpha, target_modules=["layer"], use_dora=dora,
+                     use_rslora=rslora)
+    x = torch.randn(2, c_in, 5, 5, generator=torch.Generator().manual_seed(seed))
+    _roundtrip_and_merged_sd(nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding), x, cfg,
+                             seed)
+
+
+# -- numerics --------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("layer_name", ["linear", "conv2d_k3_s2_p1", "hf_conv1d"])
+def test_repeated_merge_unmerge_does_not_drift(layer_name, variant):
+    model, _, _, _ = build(layer_name, variant)
+    randomise(model)
+    layer = model.layer
+    w0 = layer.weight.detach().clone()
+    for _ in range(100):
+        layer.merge()
+        layer.unmerge()
+    assert layer.weight.dtype == torch.float32
+    assert (layer.weight - w0).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layer_name", ["linear", "conv2d_k3_s2_p1", "hf_conv1d", "embedding"])
+def test_bf16_merges_in_fp32_and_casts_once(layer_name):
+    model, _, _, cfg = build(layer_name, "lora")
+    model.to(torch.bfloat16)
+    randomise(model)
+    layer = model.layer
+    assert layer.lora_A.dtype == torch.bfloat16
+    w0 = layer.weight.detach().clone()
+    delta = ref_delta(layer)  # float32 from the bf16 adapters
+    expected = (w0.float() + layer.scaling * delta).to(torch.bfloat16)
+    layer.merge()
+    assert layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.weight, expected)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_bf16_injection_keeps_dtype(dora):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).to(torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear", use_dora=dora))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    y = model(torch.randn(3, 8, dtype=torch.bfloat16))  # layer 2 needs a bf16 input
+    assert y.dtype == torch.bfloat16
