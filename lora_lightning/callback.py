@@ -130,6 +130,15 @@ class LoRACallback(Callback):
         if self.verbose and not self._printed and self.report is not None:
             rank_zero_info(summary_table(pl_module, self.config, self.report))
             self._printed = True
+        if self.report is None or trainer.global_rank != 0:
+            return
+        # Lightning logs the module's hparams right after this hook. TensorBoard shows only
+        # a run's first hparams record and writes hparams.yaml once, so ours must come first
+        # and already hold the module's and datamodule's hparams.
+        params = _lightning_hparams(trainer, pl_module)
+        params.update(hparams_for(self.config, self.report))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -139,12 +148,8 @@ class LoRACallback(Callback):
         if self.report is None or trainer.global_rank != 0:
             return
         metrics = metrics_for(self.report)
-        params = hparams_for(self.config, self.report)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            merged = dict(getattr(logger, "hparams", None) or {})
-            merged.update(params)
-            logger.log_hyperparams(merged)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -250,6 +255,18 @@ def _load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> Non
         fill_base_keys(pl_module, checkpoint["state_dict"])
 
 
+def _lightning_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """The hparams Lightning itself logs at fit start: the module's, then the datamodule's."""
+    params: dict[str, Any] = {}
+    if pl_module._log_hyperparams:
+        params.update(pl_module.hparams_initial)
+    datamodule = trainer.datamodule
+    if datamodule is not None and datamodule._log_hyperparams:
+        params.update(datamodule.hparams_initial)
+    params.pop("_class_path", None)
+    return params
+
+
 def _check_optimizers(trainer: Trainer, pl_module: LightningModule) -> None:
     in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
     missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_opt]
@@ -268,8 +285,12 @@ def _enable_input_grads_for_checkpointing(pl_module: LightningModule) -> None:
     that do not require grad and silently drop the adapters' gradients. HF models offer
     ``enable_input_require_grads`` for exactly this; call it where checkpointing is on."""
     for m in pl_module.modules():
-        if getattr(m, "is_gradient_checkpointing", False) and hasattr(
-            m, "enable_input_require_grads"
-        ) and not getattr(m, "_lora_input_grads", False):
+        if not hasattr(m, "enable_input_require_grads") or getattr(m, "_lora_input_grads", False):
+            continue
+        # transformers 5 renamed the flag; the old name warns and is gone in v6.
+        on = getattr(m, "is_activation_checkpointing", None)
+        if on is None:
+            on = getattr(m, "is_gradient_checkpointing", False)
+        if on:
             m.enable_input_require_grads()
             m._lora_input_grads = True
