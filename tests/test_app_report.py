@@ -1,0 +1,146 @@
+"""The sweep report, on synthetic result.json files (no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lora_lightning.app.hydra_callbacks import SweepReport
+from lora_lightning.app.report import (
+    ReportError,
+    group_results,
+    load_results,
+    main,
+    write_report,
+)
+
+TOTAL = 22_600_000
+
+
+def _result(run: str, kind: str, rank: int | None, seed: int, acc: float, params: int,
+            job: int, log_dir: str = "/logs/tb") -> dict:
+    return {
+        "run": run, "run_id": f"{job}_{run}", "kind": kind, "rank": rank, "seed": seed,
+        "trainable_params": params, "total_params": TOTAL, "trainable_ratio": params / TOTAL,
+        "test_acc": acc, "best_val_acc": acc + 0.01, "fit_seconds": 10.0 + job,
+        "peak_mem_mb": 1500.0, "checkpoint_bytes": params * 12, "samples_per_sec": 50.0,
+        "log_dir": log_dir, "overrides": [f"rank={rank or 'full'}", f"seed={seed}"],
+    }
+
+
+def _write(sweep: Path, results: list[dict]) -> Path:
+    for r in results:
+        folder = sweep / r["run_id"]
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(r))
+    return sweep
+
+
+@pytest.fixture
+def multi_seed_sweep(tmp_path) -> Path:
+    """Ranks 1, 4, 16 and full fine-tuning, three seeds each."""
+    results, job = [], 0
+    for seed in (0, 1, 2):
+        for rank in (1, 4, 16):
+            acc = 0.70 + 0.01 * math.log2(rank) + 0.01 * seed
+            results.append(_result(f"rank_{rank}", "lora", rank, seed, acc, 20_000 * rank, job))
+            job += 1
+        results.append(_result("rank_full", "full", None, seed, 0.77 + 0.01 * seed, TOTAL, job))
+        job += 1
+    return _write(tmp_path / "sweep", results)
+
+
+def test_groups_pool_seeds_and_order_by_trainable_params(multi_seed_sweep):
+    groups = group_results(load_results(multi_seed_sweep))
+    assert [g.label for g in groups] == ["r=1", "r=4", "r=16", "full fine-tuning"]
+    assert all(g.seeds == [0, 1, 2] for g in groups)
+    r4 = groups[1]
+    assert r4.mean("test_acc") == pytest.approx(0.72 + 0.01)
+    assert r4.std("test_acc") == pytest.approx(0.01)
+
+
+def test_report_writes_csv_md_png(multi_seed_sweep):
+    report = write_report(multi_seed_sweep, title="rank sweep")
+    rows = list(csv.DictReader(report["csv"].open()))
+    assert len(rows) == 12
+    assert {"run", "rank", "seed", "test_acc", "trainable_params"} <= set(rows[0])
+    md = report["md"].read_text()
+    assert md.startswith("# rank sweep")
+    assert "± 0.0100 (n=3)" in md
+    assert "![test accuracy vs trainable parameters](sweep.png)" in md
+    png = report["png"].read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert report["log_dirs"] == ["/logs/tb"]
+
+
+def test_table_has_the_comparison_columns(multi_seed_sweep):
+    table = write_report(multi_seed_sweep)["table"]
+    header = table.splitlines()[0]
+    for column in ("run", "trainable params", "ratio", "test acc", "train time",
+                   "peak mem", "checkpoint"):
+        assert column in header
+    assert "rank_full" in table and "100.000%" in table
+
+
+def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
+    # full_vs_lora: two LoRA runs share r=8, so points carry their run names.
+    sweep = _write(tmp_path / "s", [
+        _result("full_ft", "full", None, 0, 0.77, TOTAL, 0),
+        _result("lora_qv", "lora", 8, 0, 0.74, 74_498, 1),
+        _result("lora_all_linear", "lora", 8, 0, 0.76, 332_546, 2),
+        _result("head_only", "head_only", None, 0, 0.70, 770, 3),
+    ])
+    report = write_report(sweep)
+    labels = [g.label for g in report["groups"]]
+    assert labels == ["head_only", "lora_qv", "lora_all_linear", "full fine-tuning"]
+    assert "±" not in report["table"]
+    assert report["png"].is_file()
+
+
+def test_no_results_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="no result.json"):
+        load_results(tmp_path)
+    with pytest.raises(ReportError, match="not a directory"):
+        load_results(tmp_path / "missing")
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "result.json").write_text("{not json")
+    with pytest.raises(ReportError, match="cannot read"):
+        load_results(tmp_path)
+
+
+def test_cli_prints_table_and_tensorboard_command(multi_seed_sweep, capsys):
+    assert main([str(multi_seed_sweep), "--out", str(multi_seed_sweep / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "| r=4" in out
+    assert "tensorboard --logdir /logs/tb" in out
+    assert (multi_seed_sweep / "report" / "sweep.png").is_file()
+
+
+def test_cli_as_a_module_fails_cleanly_on_an_empty_dir(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lightning.app.report", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no result.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hydra_callback_writes_the_report_after_a_multirun(multi_seed_sweep, capsys):
+    config = OmegaConf.create({"name": "rank_sweep", "hydra": {"sweep": {"dir": str(multi_seed_sweep)}}})
+    SweepReport().on_multirun_end(config)
+    assert (multi_seed_sweep / "sweep.md").read_text().startswith("# rank_sweep")
+    assert "tensorboard --logdir" in capsys.readouterr().out
+
+
+def test_hydra_callback_only_warns_when_every_job_failed(tmp_path, caplog):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    SweepReport().on_multirun_end(config)
+    assert "No sweep report" in caplog.text
+    assert not (tmp_path / "sweep.md").exists()

@@ -1,0 +1,123 @@
+"""End-to-end runs of the app on small examples, each in a subprocess (as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+FAST = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+# What every run logs, with or without LoRA, so TensorBoard lines runs up.
+TAGS = {
+    "train/loss", "val/loss", "val/acc", "test/acc", "lora/trainable_ratio",
+    "lora/trainable_params", "lora/total_params", "perf/samples_per_sec",
+    "perf/peak_mem_mb", "perf/run_peak_mem_mb", "perf/fit_seconds", "hp_metric",
+}
+
+
+def run_app(cwd: Path, *args: str, pythonpath: str | None = None, script: bool = False):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    cmd = (
+        [str(Path(sys.executable).parent / "lora-lightning")]
+        if script else [sys.executable, "-m", "lora_lightning.train"]
+    )
+    proc = subprocess.run(
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def results_under(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
+
+
+def tensorboard_tags(run_dir: Path) -> tuple[set[str], dict]:
+    """Scalar tags and the hparams (name -> value) of one TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    hparams: dict = {}
+    for content in acc.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            for name, value in data.session_start_info.hparams.items():
+                hparams[name] = value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+    return set(acc.Tags()["scalars"]), hparams
+
+
+def test_digits_run_writes_result_checkpoint_adapter_and_logs(tmp_path):
+    proc = run_app(
+        tmp_path, "experiment=digits", *FAST, "logger=[tensorboard,csv]", "trainer.log_every_n_steps=2",
+    )
+    out = proc.stdout + proc.stderr
+    assert "run lora_conv: TensorBoard logs in" in out and "checkpoints in" in out
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["run"] == "lora_conv" and result["kind"] == "lora" and result["rank"] == 8
+    assert 0 < result["trainable_params"] < result["total_params"]
+    assert result["test_acc"] > 0.5  # ten classes: chance is 0.1
+    assert result["fit_seconds"] > 0 and result["peak_mem_mb"] > 0
+    assert Path(result["checkpoint"]).stat().st_size == result["checkpoint_bytes"]
+    assert result["adapter_bytes"] > 0
+    assert result["overrides"][0] == "experiment=digits"
+    run_dir = Path(result["output_dir"])
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    tb_run = Path(result["log_dir"]) / "lora_conv"
+    tags, hparams = tensorboard_tags(tb_run)
+    assert tags >= TAGS, TAGS - tags
+    assert hparams["run"] == "lora_conv" and hparams["kind"] == "lora"
+    assert hparams["lora/r"] == 8 and hparams["lr"] == pytest.approx(0.01)
+    assert (tb_run / "metrics.csv").is_file()  # the csv logger shares the run's folder
+
+
+def test_console_script_help_lists_groups_and_launchers(tmp_path):
+    proc = run_app(tmp_path, "--help", script=True)
+    assert "== Config groups ==" in proc.stdout
+    for line in ("lora: all_linear, conv, head_only, none, qv", "model: digits_cnn, minilm",
+                 "experiment: digits, full_vs_lora, rank_sweep", "trainer: cpu, ddp, gpu",
+                 "logger: csv, tensorboard", "hydra/launcher=parallel"):
+        assert line in proc.stdout
+
+
+def test_own_module_and_data_through_target_overrides(tmp_path):
+    # tests/_custom_module.py is not part of lora_lightning: only PYTHONPATH finds it.
+    run_app(
+        tmp_path, *FAST,
+        "~model", "+model._target_=_custom_module.TinyModule", "+model.hidden=8", "+model.lr=0.05",
+        "~data", "+data._target_=_custom_module.TinyData",
+        "lora.config.target_modules=[fc1,fc2]", "lora.config.modules_to_save=[head]",
+        "run_name=tiny",
+        pythonpath=str(TESTS),
+    )
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["model"] == "_custom_module.TinyModule"
+    assert result["kind"] == "lora" and result["targets"] == "fc1,fc2"
+    assert result["trainable_params"] == 2 * 8 * (8 + 8) + 8 * 2 + 2  # two adapters + head
+    assert result["test_acc"] > 0.6
+
+
+def test_own_module_through_a_config_dir(tmp_path):
+    conf = tmp_path / "my_conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "data").mkdir()
+    (conf / "model" / "tiny.yaml").write_text(
+        "_target_: _custom_module.TinyModule\nhidden: 8\nlr: ${lora.lr}\n"
+    )
+    (conf / "data" / "tiny.yaml").write_text("_target_: _custom_module.TinyData\nn: 128\n")
+    run_app(
+        tmp_path, "--config-dir", str(conf), "model=tiny", "data=tiny", "lora=head_only",
+        "lora.callback.modules=[head]", *FAST, pythonpath=str(TESTS),
+    )
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["kind"] == "head_only" and result["lr"] == pytest.approx(3e-3)
+    assert result["trainable_params"] == 8 * 2 + 2
