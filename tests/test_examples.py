@@ -121,7 +121,13 @@ def test_missing_minilm_names_the_install_command(monkeypatch):
 @pytest.fixture(scope="module")
 def minilm() -> MiniLMClassifier:
     torch.manual_seed(0)
-    return MiniLMClassifier(num_classes=3).eval()
+    return MiniLMClassifier(num_classes=3)
+
+
+def test_minilm_starts_in_train_mode(minilm):
+    # from_pretrained leaves the encoder in eval mode; Lightning would keep it so, and
+    # the encoder's dropout would silently be off during training.
+    assert all(module.training for module in minilm.modules())
 
 
 def test_minilm_has_the_documented_linear_layers(minilm):
@@ -148,9 +154,13 @@ def test_minilm_forward_ignores_padding(minilm):
     texts = ["a gripping, funny film", "dull"]
     short = tokenizer(texts, padding=True, return_tensors="pt")
     long = tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt")
-    with torch.no_grad():
-        logits = minilm(short["input_ids"], short["attention_mask"])
-        padded = minilm(long["input_ids"], long["attention_mask"])
+    minilm.eval()
+    try:
+        with torch.no_grad():
+            logits = minilm(short["input_ids"], short["attention_mask"])
+            padded = minilm(long["input_ids"], long["attention_mask"])
+    finally:
+        minilm.train()
     assert logits.shape == (2, 3)
     assert torch.allclose(logits, padded, atol=1e-5)
 

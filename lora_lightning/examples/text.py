@@ -242,6 +242,9 @@ class MiniLMClassifier(nn.Module):
             )
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.encoder.config.hidden_size, num_classes)
+        # from_pretrained returns the encoder in eval mode, and Lightning keeps each
+        # submodule's mode; start in train mode like any freshly built nn.Module.
+        self.train()
 
     @override
     def forward(
