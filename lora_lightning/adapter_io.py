@@ -151,20 +151,40 @@ def from_peft_config(data: dict[str, Any], source: str = CONFIG_NAME) -> LoRACon
 
 
 # -- files ----------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
+def _stage(path: Path, write) -> Path:
+    """Write ``path``'s new content to a temporary file beside it (fsynced); return its name.
+
+    A failed write removes the temporary file and raises ``OSError`` naming ``path``.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        # safetensors reports I/O failures as its own SafetensorError, without the file name
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
+            raise _write_error(path, err) from err
         raise
+    return Path(tmp)
+
+
+def _write_error(path: Path, err: BaseException) -> OSError:
+    unchanged = f"save_adapter wrote nothing; the adapter in {path.parent} is unchanged"
+    if isinstance(err, OSError) and err.errno is not None:
+        return OSError(err.errno, f"{err.strerror}; {unchanged}", str(path))
+    return OSError(f"{path}: could not be written ({type(err).__name__}: {err}); {unchanged}.")
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None
                  ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``.
+
+    Both files are written to temporary names first and renamed only once both are
+    complete, so a crash or a full disk mid-save leaves the previous adapter loadable.
+    """
     from safetensors.torch import save_file
 
     config = config or find_config(model)
@@ -178,9 +198,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         k: v.detach().cpu().contiguous().clone()
         for k, v in to_peft_keys(model, adapter_state_dict(model)).items()
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p))
     text = json.dumps(to_peft_config(model, config), indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p)),
+                            (CONFIG_NAME, lambda p: Path(p).write_text(text))):
+            staged.append((_stage(directory / name, write), directory / name))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     return directory
 
 

@@ -16,17 +16,33 @@ model, then ``configure_optimizers``) → ``on_fit_start`` → optimizer restore
   ``on_save_checkpoint``/``on_load_checkpoint`` are wrapped to strip frozen base weights
   from adapter-only checkpoints, then validate and refill them on load. The module hook
   also runs under ``ModelCheckpoint(save_weights_only=True)``, where callback hooks do not.
+* The same module hook checks that the state dict fits (keys, shapes) before Lightning's
+  strict load, which would otherwise copy every tensor that fits and then raise, leaving
+  the model half-loaded.
 * The callback's own ``on_load_checkpoint`` only reports what was reconciled.
+* **Checkpoint files**: ``setup`` makes the trainer's default ``TorchCheckpointIO`` safer.
+  Lightning stages a checkpoint in the system temp dir and moves it into place; where that
+  is another filesystem (a local ``/tmp``, a network checkpoint dir) the move is a copy
+  into ``last.ckpt`` itself, and a kill mid-copy truncates it. Saves now go to a hidden
+  ``.<name>.<pid>.partial`` beside the target, are fsynced and ``os.replace``d into place;
+  write errors name the file. Loads check the archive's CRCs first (``torch.load`` does
+  not) and turn a damaged file's error into :class:`CheckpointReadError` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
+import os
+import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -37,12 +53,14 @@ from .checkpoint import (
     SAVE_MODES,
     check_adapter_keys_present,
     check_meta,
+    check_state_dict_fits,
     checkpoint_meta,
     fill_base_keys,
     strip_to_adapter,
 )
 from .config import LoRAConfig
 from .inject import InjectionReport, inject_lora, lora_layers
+from .loading import READ_ERRORS, CheckpointReadError, unreadable, verify_checkpoint_file
 from .merge import merged_state_dict
 from .summary import hparams_for, metrics_for, summary_table
 
@@ -99,6 +117,7 @@ class LoRACallback(Callback):
     # -- injection ---------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _harden_checkpoint_io(trainer)
         if "configure_model" not in pl_module.__dict__:
             pl_module.configure_model = functools.partial(
                 _configure_model_then_inject, self, pl_module, stage
@@ -239,6 +258,9 @@ def _load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> Non
             1 for n, m in lora_layers(pl_module).items()
             for p in m.adapter_param_names() if f"{n}.{p}" not in sd
         )
+        adapter = {f"{n}.{p}" for n, m in lora_layers(pl_module).items()
+                   for p in m.adapter_param_names()}
+        _check_fits(pl_module, sd, may_miss=adapter)
         callback.reconciled_keys += absent
         if absent:
             # Its optimizer and scheduler states belong to the base run's parameters, not
@@ -249,10 +271,91 @@ def _load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> Non
             checkpoint["optimizer_states"] = []
             checkpoint["lr_schedulers"] = []
         return
-    check_meta(pl_module, meta, source="checkpoint")
-    check_adapter_keys_present(pl_module, checkpoint.get("state_dict", {}), source="checkpoint")
+    source = _source(pl_module)
+    check_meta(pl_module, meta, source=source)
+    check_adapter_keys_present(pl_module, checkpoint.get("state_dict", {}), source=source)
     if meta.get("mode") == "adapter":
         fill_base_keys(pl_module, checkpoint["state_dict"])
+    _check_fits(pl_module, checkpoint.get("state_dict", {}))
+
+
+def _source(pl_module: LightningModule) -> str:
+    """``checkpoint '<path>'`` while the Trainer restores one, else ``checkpoint``."""
+    trainer = pl_module._trainer
+    path = trainer.ckpt_path if trainer is not None else None
+    return f"checkpoint {str(path)!r}" if path else "checkpoint"
+
+
+def _check_fits(pl_module: LightningModule, state_dict, may_miss=frozenset()) -> None:
+    trainer = pl_module._trainer
+    if trainer is not None and trainer.strategy.restore_checkpoint_after_setup:
+        return  # sharded strategies (FSDP, DeepSpeed) load into wrapped, sharded modules
+    check_state_dict_fits(pl_module, state_dict, strict=pl_module.strict_loading,
+                          may_miss=may_miss, source=_source(pl_module))
+
+
+# -- checkpoint files ---------------------------------------------------------------------
+def _harden_checkpoint_io(trainer: Trainer) -> None:
+    """Wrap this trainer's default checkpoint IO once (see the module docstring)."""
+    io = trainer.strategy.checkpoint_io
+    if type(io) is not TorchCheckpointIO or "save_checkpoint" in io.__dict__:
+        return
+    io.save_checkpoint = functools.partial(_save_atomically, io.save_checkpoint)
+    io.load_checkpoint = functools.partial(_load_checked, io.load_checkpoint)
+
+
+def _local_path(path) -> Path | None:
+    text = str(path)
+    if "://" in text:
+        return Path(text[len("file://"):]) if text.startswith("file://") else None
+    return Path(text)
+
+
+def _save_atomically(original, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+    target = _local_path(path)
+    if target is None or storage_options is not None:
+        return original(checkpoint, path, storage_options=storage_options)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        original(checkpoint, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            raise OSError(
+                err.errno,
+                f"{err.strerror}; the checkpoint was not saved and any previous file there is "
+                f"unchanged (Lightning first writes it to {tempfile.gettempdir()})",
+                str(target),
+            ) from err
+        raise
+    # Left by runs killed mid-save (another pid).
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return None
+
+
+def _load_checked(original, path, *args, **kwargs) -> dict[str, Any]:
+    target = _local_path(path)
+    if target is None or not target.is_file():
+        return original(path, *args, **kwargs)
+    verify_checkpoint_file(target)
+    try:
+        checkpoint = original(path, *args, **kwargs)
+    except READ_ERRORS as err:
+        if zipfile.is_zipfile(target) and "Weights only load failed" in str(err):
+            raise  # an intact file that torch.load(weights_only=True) refuses: its own advice
+        raise unreadable(target, err) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointReadError(
+            f"checkpoint {str(target)!r} holds a {type(checkpoint).__name__}, not a checkpoint "
+            "dict."
+        )
+    return checkpoint
 
 
 def _lightning_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

@@ -203,6 +203,49 @@ def check_adapter_keys_present(
         )
 
 
+class StateDictMismatchError(AdapterLoadError, RuntimeError):
+    """A checkpoint's state dict does not fit the model; refused before anything is copied.
+
+    Also a ``RuntimeError``, the type torch's strict ``load_state_dict`` raises for the same
+    problems (after copying every tensor that did fit).
+    """
+
+
+def check_state_dict_fits(
+    model: nn.Module, state_dict: Mapping[str, object], strict: bool = True,
+    may_miss: frozenset[str] | set[str] = frozenset(), source: str = "checkpoint",
+) -> None:
+    """Check what a strict ``model.load_state_dict(state_dict)`` checks, without copying.
+
+    ``load_state_dict`` copies every tensor that fits and only then raises, leaving the model
+    half-loaded. Calling this first makes a refused load leave the model as it was. Keys in
+    ``may_miss`` may be absent; with ``strict=False`` only shapes and types are checked.
+    """
+    targets = model.state_dict(keep_vars=True)
+    problems = []
+    if strict:
+        missing = sorted(set(targets) - set(state_dict) - set(may_miss))
+        unexpected = sorted(set(state_dict) - set(targets))
+        if missing:
+            problems.append(f"missing keys {_preview(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_preview(unexpected)}")
+    for key in sorted(set(targets) & set(state_dict)):
+        value, target = state_dict[key], targets[key]
+        if isinstance(target, nn.parameter.UninitializedParameter):
+            continue
+        if not isinstance(value, Tensor):
+            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif value.shape != target.shape:
+            problems.append(f"size mismatch for {key!r}: checkpoint has {tuple(value.shape)}, "
+                            f"model has {tuple(target.shape)}")
+    if problems:
+        raise StateDictMismatchError(
+            f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
+            + ". Nothing was loaded; the model is unchanged."
+        )
+
+
 def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
     """Refuse a checkpoint made for another rank, target set or base model.
 
@@ -234,7 +277,9 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
         if cfg is not None and key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
             problems.append(f"different {key}: checkpoint {saved_cfg[key]!r}, model "
                             f"{getattr(cfg, key)!r}")
-    if meta.get("mode") == "adapter":
+    if meta.get("mode") == "adapter" and not problems:
+        # Only when the rest agrees: another target set or bias mode changes which tensors
+        # count as base weights, and so the fingerprint, even on the same base model.
         fp_saved, fp_here = meta.get("fingerprint", {}), base_fingerprint(model)
         if fp_saved != fp_here:
             problems.append(

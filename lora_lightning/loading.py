@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,19 +30,57 @@ class CheckpointReadError(ValueError):
     """A checkpoint file is missing, truncated or not a checkpoint."""
 
 
+# What torch.load raises on a damaged file (truncated zip: OSError EINVAL; empty: EOFError).
+READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+               ValueError)
+
+
+def unreadable(path: str | os.PathLike, err: BaseException) -> CheckpointReadError:
+    """The error for a checkpoint file that ``torch.load`` could not read."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    raised = f"torch.load raised {type(err).__name__}" + (f": {first}" if first else "")
+    if zipfile.is_zipfile(path):  # a complete archive (callers check its CRCs first)
+        return CheckpointReadError(f"checkpoint {str(path)!r} could not be loaded: {raised}")
+    if first.startswith("Weights only load failed"):
+        # its advice (load with weights_only=False) is for intact files, not damaged ones
+        raised = f"torch.load raised {type(err).__name__}"
+    return CheckpointReadError(
+        f"checkpoint {str(path)!r} is unreadable (truncated or corrupted?): not a complete "
+        f"zip archive as torch.save writes; {raised}"
+    )
+
+
+def verify_checkpoint_file(path: str | os.PathLike) -> None:
+    """Check the CRC-32 of every member of a checkpoint's zip archive.
+
+    ``torch.load`` never checks them, so a flipped bit in tensor data loads silently. This
+    reads the whole file once (about as long as loading it). Files that are not zip
+    archives are left to ``torch.load``.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+        raise unreadable(path, err) from err
+    if bad is not None:
+        raise CheckpointReadError(
+            f"checkpoint {str(path)!r} is corrupted: archive member {bad!r} fails its CRC-32 "
+            "check (a damaged disk or an interrupted copy?); use an earlier checkpoint."
+        )
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load`` a checkpoint, turning every failure into one clear error naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"checkpoint {str(path)!r} does not exist or is not a file.")
+    verify_checkpoint_file(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as err:
-        raise CheckpointReadError(
-            f"checkpoint {str(path)!r} is unreadable (truncated or corrupted?): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
+    except READ_ERRORS as err:
+        raise unreadable(path, err) from err
     if not isinstance(data, dict):
         raise CheckpointReadError(
             f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a checkpoint dict."
