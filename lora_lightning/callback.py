@@ -20,48 +20,29 @@ model, then ``configure_optimizers``) → ``on_fit_start`` → optimizer restore
   strict load, which would otherwise copy every tensor that fits and then raise, leaving
   the model half-loaded.
 * The callback's own ``on_load_checkpoint`` only reports what was reconciled.
-* **Checkpoint files**: ``setup`` makes the trainer's default ``TorchCheckpointIO`` safer.
-  Lightning stages a checkpoint in the system temp dir and moves it into place; where that
-  is another filesystem (a local ``/tmp``, a network checkpoint dir) the move is a copy
-  into ``last.ckpt`` itself, and a kill mid-copy truncates it. Saves now go to a hidden
-  ``.<name>.<pid>.partial`` beside the target, are fsynced and ``os.replace``d into place;
-  write errors name the file. Loads check the archive's CRCs first (``torch.load`` does
-  not) and turn a damaged file's error into :class:`CheckpointReadError` naming it.
+* **Checkpoint files**: ``setup`` makes the trainer's default ``TorchCheckpointIO``
+  write atomically and read with clear errors (see ``checkpoint_io.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import glob
-import os
-import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .adapter_io import save_adapter
-from .checkpoint import (
-    META_KEY,
-    SAVE_MODES,
-    check_adapter_keys_present,
-    check_meta,
-    check_state_dict_fits,
-    checkpoint_meta,
-    fill_base_keys,
-    strip_to_adapter,
-)
+from .checkpoint import SAVE_MODES
+from .checkpoint_io import harden_checkpoint_io
 from .config import LoRAConfig
-from .inject import InjectionReport, inject_lora, lora_layers
-from .loading import READ_ERRORS, CheckpointReadError, unreadable, verify_checkpoint_file
+from .inject import InjectionReport, inject_lora
 from .merge import merged_state_dict
+from .module_hooks import configure_model_then_inject, load_hook, save_hook, wrap_hook
 from .summary import hparams_for, metrics_for, summary_table
 
 
@@ -117,10 +98,10 @@ class LoRACallback(Callback):
     # -- injection ---------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _harden_checkpoint_io(trainer)
+        harden_checkpoint_io(trainer)
         if "configure_model" not in pl_module.__dict__:
             pl_module.configure_model = functools.partial(
-                _configure_model_then_inject, self, pl_module, stage
+                configure_model_then_inject, self, pl_module, stage
             )
 
     def inject(self, pl_module: LightningModule, where: str = "setup") -> InjectionReport:
@@ -138,8 +119,8 @@ class LoRACallback(Callback):
         if self.report is None or report.injected:
             self.report = report  # counted here, before any strategy shards parameters
         _enable_input_grads_for_checkpointing(pl_module)
-        _wrap_hook(pl_module, "on_save_checkpoint", _save_hook, self)
-        _wrap_hook(pl_module, "on_load_checkpoint", _load_hook, self)
+        wrap_hook(pl_module, "on_save_checkpoint", save_hook, self)
+        wrap_hook(pl_module, "on_load_checkpoint", load_hook, self)
         return report
 
     # -- reporting ---------------------------------------------------------------------
@@ -216,146 +197,6 @@ class LoRACallback(Callback):
             )
             self.reconciled_keys = 0
             self.dropped_optimizer_state = False
-
-
-# -- hooks installed on the LightningModule instance --------------------------------------
-def _configure_model_then_inject(
-    callback: LoRACallback, pl_module: LightningModule, stage: str
-) -> None:
-    pl_module.__dict__.pop("configure_model", None)  # one call only: restore the class hook
-    pl_module.configure_model()
-    stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
-    callback.inject(pl_module, where=f"in configure_model (stage {stage!r})")
-
-
-def _wrap_hook(pl_module: LightningModule, name: str, hook, callback: LoRACallback) -> None:
-    current = pl_module.__dict__.get(name)
-    if isinstance(current, functools.partial) and current.func is hook:
-        # Wrapped by an earlier fit: rebind to this callback (its save mode and report),
-        # around the same user hook, so hooks never stack.
-        original = current.args[2]
-    else:
-        original = getattr(pl_module, name)
-    setattr(pl_module, name, functools.partial(hook, callback, pl_module, original))
-
-
-def _save_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> None:
-    original(checkpoint)
-    meta = checkpoint_meta(pl_module, callback.config, callback.save)
-    if callback.save == "adapter":
-        meta["dropped_keys"] = strip_to_adapter(pl_module, checkpoint["state_dict"])
-    checkpoint[META_KEY] = meta
-
-
-def _load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> None:
-    original(checkpoint)
-    meta = checkpoint.get(META_KEY)
-    if meta is None:
-        # A checkpoint without LoRA (a base model): the layers' load hooks let exactly
-        # their own adapter keys be missing; count them for the report.
-        sd = checkpoint.get("state_dict", {})
-        absent = sum(
-            1 for n, m in lora_layers(pl_module).items()
-            for p in m.adapter_param_names() if f"{n}.{p}" not in sd
-        )
-        adapter = {f"{n}.{p}" for n, m in lora_layers(pl_module).items()
-                   for p in m.adapter_param_names()}
-        _check_fits(pl_module, sd, may_miss=adapter)
-        callback.reconciled_keys += absent
-        if absent:
-            # Its optimizer and scheduler states belong to the base run's parameters, not
-            # to the adapters: restoring them would fail or pair moments with wrong tensors.
-            callback.dropped_optimizer_state = bool(
-                checkpoint.get("optimizer_states") or checkpoint.get("lr_schedulers")
-            )
-            checkpoint["optimizer_states"] = []
-            checkpoint["lr_schedulers"] = []
-        return
-    source = _source(pl_module)
-    check_meta(pl_module, meta, source=source)
-    check_adapter_keys_present(pl_module, checkpoint.get("state_dict", {}), source=source)
-    if meta.get("mode") == "adapter":
-        fill_base_keys(pl_module, checkpoint["state_dict"])
-    _check_fits(pl_module, checkpoint.get("state_dict", {}))
-
-
-def _source(pl_module: LightningModule) -> str:
-    """``checkpoint '<path>'`` while the Trainer restores one, else ``checkpoint``."""
-    trainer = pl_module._trainer
-    path = trainer.ckpt_path if trainer is not None else None
-    return f"checkpoint {str(path)!r}" if path else "checkpoint"
-
-
-def _check_fits(pl_module: LightningModule, state_dict, may_miss=frozenset()) -> None:
-    trainer = pl_module._trainer
-    if trainer is not None and trainer.strategy.restore_checkpoint_after_setup:
-        return  # sharded strategies (FSDP, DeepSpeed) load into wrapped, sharded modules
-    check_state_dict_fits(pl_module, state_dict, strict=pl_module.strict_loading,
-                          may_miss=may_miss, source=_source(pl_module))
-
-
-# -- checkpoint files ---------------------------------------------------------------------
-def _harden_checkpoint_io(trainer: Trainer) -> None:
-    """Wrap this trainer's default checkpoint IO once (see the module docstring)."""
-    io = trainer.strategy.checkpoint_io
-    if type(io) is not TorchCheckpointIO or "save_checkpoint" in io.__dict__:
-        return
-    io.save_checkpoint = functools.partial(_save_atomically, io.save_checkpoint)
-    io.load_checkpoint = functools.partial(_load_checked, io.load_checkpoint)
-
-
-def _local_path(path) -> Path | None:
-    text = str(path)
-    if "://" in text:
-        return Path(text[len("file://"):]) if text.startswith("file://") else None
-    return Path(text)
-
-
-def _save_atomically(original, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-    target = _local_path(path)
-    if target is None or storage_options is not None:
-        return original(checkpoint, path, storage_options=storage_options)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        original(checkpoint, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
-            raise OSError(
-                err.errno,
-                f"{err.strerror}; the checkpoint was not saved and any previous file there is "
-                f"unchanged (Lightning first writes it to {tempfile.gettempdir()})",
-                str(target),
-            ) from err
-        raise
-    # Left by runs killed mid-save (another pid).
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    return None
-
-
-def _load_checked(original, path, *args, **kwargs) -> dict[str, Any]:
-    target = _local_path(path)
-    if target is None or not target.is_file():
-        return original(path, *args, **kwargs)
-    verify_checkpoint_file(target)
-    try:
-        checkpoint = original(path, *args, **kwargs)
-    except READ_ERRORS as err:
-        if zipfile.is_zipfile(target) and "Weights only load failed" in str(err):
-            raise  # an intact file that torch.load(weights_only=True) refuses: its own advice
-        raise unreadable(target, err) from err
-    if not isinstance(checkpoint, dict):
-        raise CheckpointReadError(
-            f"checkpoint {str(target)!r} holds a {type(checkpoint).__name__}, not a checkpoint "
-            "dict."
-        )
-    return checkpoint
 
 
 def _lightning_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
