@@ -1,8 +1,10 @@
 """Side-by-side benchmark: full fine-tuning vs lora_lightning vs PEFT's LoRA.
 
-Everything runs in one process, and every timing compares its variants *interleaved*
-(round-robin, the first variant rotating each round) so that load from other processes on
-a shared machine hits all variants alike; we report medians and ratios of medians.
+Everything runs in one process, and every timing compares its variants *interleaved*:
+in each round every variant runs once (the first one rotating), so load from other
+processes on a shared machine hits all variants alike. Times are medians over rounds; a
+ratio is the median over rounds of the ratio *within* a round, which stays right when
+the machine's load changes in the middle of a run (a ratio of medians does not).
 
 Per (model, LoRA config, method):
 
@@ -396,7 +398,13 @@ def bench_injection(sizes: Sizes) -> tuple[int, dict[str, float]]:
     return 4 * blocks, times
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of a[i] / b[i], for two variants timed in the same rounds."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``reps`` interleaved rounds."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     for _ in range(2):
@@ -410,7 +418,7 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dic
             fns[k]()
             times[k].append(time.perf_counter() - t0)
             gc.enable()
-    return {k: statistics.median(t) for k, t in times.items()}
+    return times
 
 
 def bench_merged_forward(sizes: Sizes, gpt: nn.Module) -> dict[str, float]:
@@ -432,15 +440,16 @@ def bench_merged_forward(sizes: Sizes, gpt: nn.Module) -> dict[str, float]:
         assert torch.allclose(merged(big), unmerged, atol=1e-4, rtol=1e-3)
         for name, idx, reps in (("big", big, sizes.forward_reps),
                                 ("small", small, sizes.forward_reps * 25)):
-            med = _interleaved_medians({"base": lambda i=idx: base(i),
-                                        "merged": lambda i=idx: merged(i)}, reps)
-            out[name] = med["merged"] / med["base"]
+            t = _interleaved_times({"base": lambda i=idx: base(i),
+                                    "merged": lambda i=idx: merged(i)}, reps)
+            out[name] = paired_ratio(t["merged"], t["base"])
     return out
 
 
 def bench_adapter_overhead(sizes: Sizes) -> dict[str, float]:
-    """Forward + backward of 6 Linear(d, d) layers on a (batch, seq, d) input that needs
-    grad: the same layers frozen, with our adapters and with PEFT's (interleaved)."""
+    """The adapter's own cost: forward + backward of 6 LoRA Linear(d, d) layers on a
+    (batch, seq, d) input that needs grad, minus that of the same layers frozen; median
+    over interleaved rounds, for ours and PEFT's."""
     d, n = sizes.gpt_d, 6
     torch.manual_seed(0)
     base = nn.Sequential(*(nn.Linear(d, d) for _ in range(n)))
@@ -456,8 +465,10 @@ def bench_adapter_overhead(sizes: Sizes) -> dict[str, float]:
         for p in net.parameters():
             p.grad = None
 
-    return _interleaved_medians({k: lambda m=m: fwd_bwd(m) for k, m in nets.items()},
-                                sizes.overhead_reps)
+    t = _interleaved_times({k: lambda m=m: fwd_bwd(m) for k, m in nets.items()},
+                           sizes.overhead_reps)
+    return {k: statistics.median(x - f for x, f in zip(t[k], t["frozen"], strict=True))
+            for k in ("ours", "peft")}
 
 
 # -- cases --------------------------------------------------------------------------------
@@ -546,10 +557,10 @@ def build_checks(variants: list[Variant], n_inject: int, inject: dict[str, float
     by = {v.key: v for v in variants}
     pairs = [(v, by[v.model, v.config, "peft"]) for v in variants if v.method == "ours"]
     checks = [_at_most(f"step time ours/PEFT, {o.model} {o.config}",
-                       o.step_median / p.step_median, 1.00) for o, p in pairs]
+                       paired_ratio(o.step_s, p.step_s), 1.00) for o, p in pairs]
     ours, full = by["GPT", "r=8 q,v", "ours"], by["GPT", "-", "full"]
     checks.append(_at_most("step time ours/full, GPT r=8 q,v",
-                           ours.step_median / full.step_median, 0.70))
+                           paired_ratio(ours.step_s, full.step_s), 0.70))
     for o, p in pairs:
         name = f"peak memory ours/PEFT, {o.model} {o.config}"
         if o.peak_bytes is None or p.peak_bytes is None:
@@ -564,7 +575,7 @@ def build_checks(variants: list[Variant], n_inject: int, inject: dict[str, float
                            merged["big"], 1.02))
     checks.append(_reference("forward merged/base, GPT all-linear, 1 x 16 tokens",
                              merged["small"], f"{merged['small']:.3f}"))
-    cost = {k: overhead[k] - overhead["frozen"] for k in ("ours", "peft")}
+    cost = overhead
     ratio = cost["ours"] / cost["peft"] if cost["peft"] > 0 else math.nan
     checks.append(_reference(
         "adapter cost ours/PEFT (6 LoRA Linear layers minus frozen ones, fwd+bwd)", ratio,
