@@ -232,10 +232,42 @@ class LoRALayer:
                 f"scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}")
 
 
-class LoRALinear(LoRALayer, nn.Linear):
+class _MatmulLoRA(LoRALayer):
+    """Fused forward for layers whose base op is a matmul (Linear, HF Conv1D).
+
+    The input is flattened to 2-D so the base op returns a fresh tensor, not a view, and the
+    adapter's update is added with one in-place ``addmm_``. An in-place add on the 3-D view
+    that ``F.linear`` returns made autograd copy the output in backward (measured in
+    ``benchmarks/``); this path does not.
+    """
+
+    out_dim: int
+
+    def _base_2d(self, x2: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.merged or self.lora_disabled or self.use_dora:
+            return LoRALayer.forward(self, x, *args, **kwargs)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = self._base_2d(x2)
+        xd = x2
+        if self.lora_dropout_p > 0.0 and self.training:
+            xd = F.dropout(x2, self.lora_dropout_p, training=True)
+        # In-place ops skip autocast, so match the base output's dtype by hand (a no-op
+        # outside autocast).
+        a = F.linear(xd, self.lora_A).to(out.dtype)
+        out = out.addmm_(a, self.lora_B.t().to(out.dtype), alpha=self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class LoRALinear(_MatmulLoRA, nn.Linear):
     """LoRA on ``nn.Linear``."""
 
     _lora_base_class = nn.Linear
+
+    def _base_2d(self, x2):
+        return F.linear(x2, self.weight, self.bias)
 
     def _lora_shapes(self, r):
         return (r, self.in_features), (self.out_features, r)
@@ -319,8 +351,13 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
         return w.T
 
 
-class _LoRAConv1DMixin(LoRALayer):
+class _LoRAConv1DMixin(_MatmulLoRA):
     """LoRA on HF ``transformers`` ``Conv1D`` (GPT-2 style: weight is (in, out))."""
+
+    def _base_2d(self, x2):
+        if self.bias is None:
+            return x2 @ self.weight
+        return torch.addmm(self.bias, x2, self.weight)
 
     def _lora_shapes(self, r):
         return (r, self.nx), (self.nf, r)
