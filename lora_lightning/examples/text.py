@@ -30,11 +30,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
+
+from .splits import SplitDataModule, check_int
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -288,7 +289,7 @@ def _pad_collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class RottenTomatoesDataModule(L.LightningDataModule):
+class RottenTomatoesDataModule(SplitDataModule):
     """Rotten Tomatoes fresh/rotten snippets, split by movie and tokenized for MiniLM.
 
     ``setup`` loads, splits and tokenizes once (later calls do nothing). Batches are
@@ -316,8 +317,7 @@ class RottenTomatoesDataModule(L.LightningDataModule):
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Expected `{name}` to be an int >= {low} but got {value!r}.")
+            check_int(name, value, low)
         for name, value in (
             ("train_size", train_size),
             ("val_size", val_size),
@@ -326,7 +326,6 @@ class RottenTomatoesDataModule(L.LightningDataModule):
             _check_size(name, value)
         self.save_hyperparameters()
         self._datasets: dict[str, _EncodedSnippets] | None = None
-        self._generator: torch.Generator | None = None
         self._pad_id = 0
 
     @override
@@ -351,31 +350,7 @@ class RottenTomatoesDataModule(L.LightningDataModule):
                 ids = tokenizer(texts, truncation=True, max_length=hp.max_length)["input_ids"]
             datasets[name] = _EncodedSnippets(ids, [snippet.label for snippet in split])
         self._datasets = datasets
-        self._generator = torch.Generator().manual_seed(hp.seed)
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if self._datasets is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.{name}_dataloader() was called before setup(); "
-                "call dm.setup() first or pass the datamodule to a Trainer."
-            )
-        return DataLoader(
-            self._datasets[name],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=self._generator if shuffle else None,
-            num_workers=self.hparams.num_workers,
-            collate_fn=functools.partial(_pad_collate, pad_id=self._pad_id),
-        )
 
     @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def collate_fn(self):
+        return functools.partial(_pad_collate, pad_id=self._pad_id)

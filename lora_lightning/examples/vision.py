@@ -10,11 +10,12 @@ and Linear layers, so it exercises every layer kind a LoRA plugin must handle::
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
+
+from .splits import SplitDataModule, check_int
 
 SKLEARN_INSTALL = "pip install scikit-learn"
 
@@ -78,7 +79,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return pixels, labels
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn digits, split at random (fixed by ``seed``) into train/val/test.
 
     Args:
@@ -101,8 +102,7 @@ class DigitsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Expected `{name}` to be an int >= {low} but got {value!r}.")
+            check_int(name, value, low)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"Expected `{name}` in (0, 1) but got {value!r}.")
@@ -113,7 +113,6 @@ class DigitsDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self._datasets: dict[str, _Digits] | None = None
-        self._generator: torch.Generator | None = None
 
     @override
     def setup(self, stage: str | None = None) -> None:
@@ -131,30 +130,4 @@ class DigitsDataModule(L.LightningDataModule):
             "train": order[n_val + n_test :],
         }
         self._datasets = {name: _Digits(pixels[idx], labels[idx]) for name, idx in parts.items()}
-        self._generator = torch.Generator().manual_seed(self.hparams.seed)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if self._datasets is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.{name}_dataloader() was called before setup(); "
-                "call dm.setup() first or pass the datamodule to a Trainer."
-            )
-        return DataLoader(
-            self._datasets[name],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=self._generator if shuffle else None,
-            num_workers=self.hparams.num_workers,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
