@@ -124,9 +124,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "run %s: test acc %s, %s trainable (%.3f%%), fit %.1f s, result in %s",
             cfg.run_id,
             "n/a" if test_acc is None else f"{test_acc:.4f}",
-            f"{result['trainable_params']:,}",
-            100 * result["trainable_ratio"],
-            result["fit_seconds"],
+            f"{result.get('trainable_params', 0):,}",
+            100 * result.get("trainable_ratio", 0.0),
+            result.get("fit_seconds", 0.0),
             output_dir / RESULT_FILE,
         )
     return result

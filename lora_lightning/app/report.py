@@ -103,7 +103,6 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
     )
     lora = [g for g in ordered if g.kind == "lora"]
     by_rank = len({g.rank for g in lora}) == len(lora) and all(g.rank for g in lora)
-    names = [g.run for g in ordered]
     for g in ordered:
         if g.kind == "lora" and by_rank and len(lora) > 1:
             g.label = f"r={g.rank}"
@@ -111,8 +110,10 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
             g.label = "full fine-tuning"
         else:
             g.label = g.run
-        if names.count(g.run) > 1:  # same name, different overrides
-            g.label += f" [{' '.join(_config_key(g.runs[0])[3])}]"
+        namesakes = [set(_config_key(o.runs[0])[3]) for o in ordered if o.run == g.run]
+        if len(namesakes) > 1:  # same run name: show the overrides that tell them apart
+            own = set(_config_key(g.runs[0])[3])
+            g.label += f" [{' '.join(sorted(own - set.intersection(*namesakes)))}]"
     return ordered
 
 
@@ -138,7 +139,7 @@ def table_rows(groups: Sequence[Group]) -> list[list[str]]:
     for g in groups:
         ckpt = g.mean("checkpoint_bytes")
         rows.append([
-            g.label if g.kind != "full" else g.run,
+            g.label if g.kind != "full" else g.run + g.label[len("full fine-tuning"):],
             _fmt_num(g.mean("trainable_params"), ",.0f"),
             _fmt_num(100 * g.mean("trainable_ratio"), ".3f") + "%",
             _fmt_acc(g),
@@ -193,7 +194,7 @@ def plot(groups: Sequence[Group], path: Path, title: str = "") -> None:
             ax.plot(x, y, "o", color=color)
         ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(5, 6), fontsize=8)
     lora = sorted((g for g in points if g.kind == "lora"), key=lambda g: g.mean("trainable_params"))
-    if len(lora) > 1:
+    if len(lora) > 1 and all(g.label.startswith("r=") for g in lora):  # a rank series
         ax.plot(
             [g.mean("trainable_params") for g in lora], [g.mean("test_acc") for g in lora],
             "-", color="tab:blue", alpha=0.4, label="LoRA",
