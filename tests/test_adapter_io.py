@@ -28,13 +28,7 @@ from lora_lightning import (
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run far faster on one thread, above all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Sub(nn.Module):

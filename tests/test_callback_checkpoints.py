@@ -47,12 +47,7 @@ FROZEN_KEYS = {"net.fc1.weight", "net.fc2.weight", "net.bn.weight", "net.bn.bias
 STEPS_PER_EPOCH = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
