@@ -19,7 +19,7 @@ import sys
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _tiny import TinyNet
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -36,24 +36,13 @@ def dataset() -> TensorDataset:
     return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 class WorkerModule(L.LightningModule):
     """Plain SGD (no momentum), so equal gradients give bit-close updates."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = _Net()
+        self.net = TinyNet(16)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _tiny import TinyNet as Net  # noqa: F401 - re-exported to the tests
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -41,17 +42,6 @@ KILL_MARKER = "killpoint.json"
 
 
 # -- model and data --------------------------------------------------------------------
-class Net(nn.Module):
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, width)
-        self.fc2 = nn.Linear(width, width)
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 class Module(L.LightningModule):
     """AdamW plus a per-step LR schedule, so optimizer and scheduler state must resume too."""
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _tiny import TinyNet
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
@@ -43,17 +44,6 @@ ADAPTER_KEYS = {f"net.{m}.{p}" for m in ("fc1", "fc2") for p in ("lora_A", "lora
 
 
 # -- a tiny model and helpers -------------------------------------------------------------
-class TinyNet(nn.Module):
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, width)
-        self.fc2 = nn.Linear(width, width)
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 class TinyModule(L.LightningModule):
     """Seeded, so every instance starts from the same base weights; plain SGD."""
 

@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import TinyNet
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_lightning import LoRACallback, LoRAConfig, load_lora_checkpoint
@@ -28,24 +28,13 @@ CONFIG = LoRAConfig(r=2, alpha=4, target_modules=["fc1", "fc2"])
 ADAPTER_KEYS = {f"net.{m}.{p}" for m in ("fc1", "fc2") for p in ("lora_A", "lora_B")}
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 32)
-        self.fc2 = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 class GpuModule(L.LightningModule):
     """Seeded, so every instance has the same base weights."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = _Net()
+        self.net = TinyNet(32)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

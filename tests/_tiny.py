@@ -1,0 +1,19 @@
+"""The tiny MLP that the Trainer, DDP, FSDP and reliability tests share.
+
+Its Linear layers are ``fc1``, ``fc2`` and ``head``, so LoRA targets ``["fc1", "fc2"]``
+and ``head`` can be a ``modules_to_save``.
+"""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, width)
+        self.fc2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
