@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .inject import find_config, lora_layers
+from .inject import find_config, lora_layers, lora_param_keys
 
 
 class AdapterLoadError(ValueError):
@@ -24,10 +24,7 @@ class AdapterLoadError(ValueError):
 def adapter_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the trained tensors: adapters, plus trainable biases and
     ``modules_to_save`` parameters (whatever ``inject_lora`` left trainable)."""
-    keys = {
-        f"{name}.{p}" for name, layer in lora_layers(model).items()
-        for p in layer.adapter_param_names()
-    }
+    keys = lora_param_keys(model)
     keys.update(n for n, p in model.named_parameters() if p.requires_grad)
     return sorted(keys)
 
@@ -191,10 +188,7 @@ def check_adapter_keys_present(
     a checkpoint saved with LoRA must hold them all, or the adapters would silently keep
     their fresh initialisation. Raises :class:`AdapterLoadError` naming the missing keys.
     """
-    missing = sorted(
-        f"{name}.{p}" for name, layer in lora_layers(model).items()
-        for p in layer.adapter_param_names() if f"{name}.{p}" not in state_dict
-    )
+    missing = sorted(k for k in lora_param_keys(model) if k not in state_dict)
     if missing:
         raise AdapterLoadError(
             f"{source}: the LoRA checkpoint lacks adapter keys {_preview(missing)}; a "

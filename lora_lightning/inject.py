@@ -71,6 +71,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
+def lora_param_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of every adapter tensor (``lora_A``, ``lora_B``, ``lora_magnitude``)."""
+    return {
+        f"{name}.{p}" for name, layer in lora_layers(model).items()
+        for p in layer.adapter_param_names()
+    }
+
+
 def find_config(model: nn.Module) -> LoRAConfig | None:
     """The config ``inject_lora`` stored on ``model`` or on one of its submodules."""
     for m in model.modules():

@@ -68,7 +68,6 @@ class LoRALayer:
         self.lora_disabled = False
         self._dora_merge_norm: Tensor | None = None
         self._lora_absent_keys: list[str] = []
-        self.lora_reconciled_keys = 0  # adapter keys a load found absent and let pass
         w = self.weight
         a_shape, b_shape = self._lora_shapes(r)
         self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
@@ -101,8 +100,7 @@ class LoRALayer:
         for name in self.adapter_param_names():
             delattr(self, name)
         for attr in ("r", "lora_alpha", "scaling", "lora_dropout_p", "use_dora", "merged",
-                     "lora_disabled", "_dora_merge_norm", "_lora_absent_keys", "_lora_hooks",
-                     "lora_reconciled_keys"):
+                     "lora_disabled", "_dora_merge_norm", "_lora_absent_keys", "_lora_hooks"):
             self.__dict__.pop(attr, None)
 
     def adapter_param_names(self) -> tuple[str, ...]:
@@ -120,7 +118,6 @@ class LoRALayer:
         for key in self._lora_absent_keys:
             while key in missing:
                 missing.remove(key)
-                self.lora_reconciled_keys += 1
         self._lora_absent_keys = []
 
     # -- per-type pieces (overridden) -----------------------------------------------

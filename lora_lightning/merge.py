@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from .inject import CONFIG_ATTR, lora_layers
+from .inject import CONFIG_ATTR, lora_layers, lora_param_keys
 from .layers import LoRALayer
 
 
@@ -31,13 +31,6 @@ def unmerge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def _adapter_keys(model: nn.Module) -> set[str]:
-    return {
-        f"{name}.{p}" for name, layer in lora_layers(model).items()
-        for p in layer.adapter_param_names()
-    }
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """A plain state dict with the adapters folded in, for the un-injected model class.
 
@@ -45,7 +38,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     instance of the original model and computes the same outputs.
     """
     layers = lora_layers(model)
-    adapter_keys = _adapter_keys(model)
+    adapter_keys = lora_param_keys(model)
     merged = {f"{name}.weight": layer.merged_weight() for name, layer in layers.items()}
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():

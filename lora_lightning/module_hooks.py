@@ -23,7 +23,7 @@ from .checkpoint import (
     fill_base_keys,
     strip_to_adapter,
 )
-from .inject import lora_layers
+from .inject import lora_param_keys
 
 if TYPE_CHECKING:
     from .callback import LoRACallback
@@ -64,12 +64,8 @@ def load_hook(callback, pl_module, original, checkpoint: dict[str, Any]) -> None
         # A checkpoint without LoRA (a base model): the layers' load hooks let exactly
         # their own adapter keys be missing; count them for the report.
         sd = checkpoint.get("state_dict", {})
-        absent = sum(
-            1 for n, m in lora_layers(pl_module).items()
-            for p in m.adapter_param_names() if f"{n}.{p}" not in sd
-        )
-        adapter = {f"{n}.{p}" for n, m in lora_layers(pl_module).items()
-                   for p in m.adapter_param_names()}
+        adapter = lora_param_keys(pl_module)
+        absent = sum(1 for k in adapter if k not in sd)
         _check_fits(pl_module, sd, may_miss=adapter)
         callback.reconciled_keys += absent
         if absent:
