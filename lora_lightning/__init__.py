@@ -13,8 +13,17 @@ from .checkpoint import (
     load_adapter_state_dict,
 )
 from .config import LoRAConfig
-from .inject import InjectionReport, ParamCount, count_parameters, inject_lora, lora_layers
-from .layers import LoRALayer
+from .errors import (
+    ConfigError,
+    LoRAError,
+    TargetMatchError,
+    TiedWeightError,
+    UnsupportedModuleError,
+)
+from .inject import InjectionReport, inject_lora, lora_layers
+from .params import ParamCount, count_parameters
+from .plan import InjectionPlan, plan_injection
+from .layer_base import LoRALayer
 from .merge import disable_adapters, merge_lora, merged_state_dict, unload_lora, unmerge_lora
 
 __version__ = "0.1.0"

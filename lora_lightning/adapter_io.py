@@ -17,10 +17,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .checkpoint import adapter_state_dict, load_adapter_state_dict
+import torch
+
+from .checkpoint import AdapterLoadError, adapter_keys, adapter_state_dict, load_adapter_state_dict
 from .config import LoRAConfig
 from .inject import find_config, inject_lora, lora_layers
-from .layers import LoRAEmbedding, LoRALayer
+from .layer_base import LoRALayer
+from .layers import LoRAEmbedding
+from .layers_mha import LoRAMultiheadAttention
 from .merge import unload_lora
 
 CONFIG_NAME = "adapter_config.json"
@@ -39,13 +43,22 @@ class AdapterFileError(ValueError):
 
 
 # -- key translation ------------------------------------------------------------------
+def _mha_out_projs(layers: dict[str, LoRALayer]) -> set[str]:
+    """Names of out_proj layers adapted as part of their nn.MultiheadAttention."""
+    return {f"{n}.out_proj" for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)}
+
+
 def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our adapter keys -> PEFT's file keys."""
     layers = lora_layers(model)
+    mha_out = _mha_out_projs(layers)
     out = {}
     for key, value in state_dict.items():
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
+        if owner in mha_out:  # PEFT wraps MHA, so its out_proj sits under base_layer
+            mha, _, child = owner.rpartition(".")
+            owner = f"{mha}.base_layer.{child}"
         if layer is None:
             new = key
         elif leaf in ("lora_A", "lora_B"):
@@ -83,6 +96,8 @@ def to_peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
     """A PEFT ``LoraConfig`` dict naming exactly the modules that carry adapters (as a
     full-match regex, so that no other module with the same name suffix is adapted)."""
     layers = lora_layers(model)
+    for name in _mha_out_projs(layers):  # PEFT adapts it as part of the attention module
+        layers.pop(name, None)
     # Exact names only: a list would also match dotted suffixes ("lin" -> "block.lin"), and
     # both PEFT and we match rank/alpha keys against suffixes too, hence the "^" anchor.
     exact = {n: "^" + re.escape(n) for n in layers}
@@ -242,23 +257,77 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Te
     return config, from_peft_keys(tensors)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+BASE_WEIGHT_RULES = ("check", "apply")
+
+
+def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
+                  source: str) -> dict[str, Tensor]:
+    """Take out of ``state`` the frozen base weights of adapted layers that PEFT saves
+    (``embed_tokens.base_layer.weight`` under ``save_embedding_layers="auto"``).
+
+    ``"check"``: each must equal the model's own, else the load is refused naming the key.
+    ``"apply"``: they are returned, to be copied into the base once the adapter fits.
+    """
+    trained = set(adapter_keys(model))
+    params = dict(model.named_parameters())
+    base_keys = {f"{n}.{leaf}" for n, m in lora_layers(model).items()
+                 for leaf, _ in m.named_parameters(recurse=False)} - trained
+    found = {k: state.pop(k) for k in sorted(set(state) & base_keys)}
+    if rule == "check":
+        for key, value in found.items():
+            mine = params[key]
+            if value.shape != mine.shape or not torch.equal(value.to(mine.dtype), mine.detach()):
+                raise AdapterLoadError(
+                    f"{source}: the adapter file holds the base weight {key!r} (PEFT saves "
+                    f"embedding layers with the adapter), shape {tuple(value.shape)}, and it "
+                    f"differs from this model's ({tuple(mine.shape)}). Load it with "
+                    "load_adapter(..., base_weights='apply') to use the saved weight, or load "
+                    "the adapter into the base model it was trained on."
+                )
+        return {}
+    return found
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike,
+                 base_weights: str = "check") -> nn.Module:
     """Load a PEFT-format adapter into ``model``, injecting LoRA first if needed.
 
     If ``model`` already carries adapters, their layout must match the file's. Nothing is
-    written to the model unless the whole adapter fits.
+    written to the model unless the whole adapter fits. Base weights that PEFT saves beside
+    the adapter (embedding layers) are checked against the model's (``base_weights="check"``,
+    a difference is refused) or copied into it (``"apply"``).
     """
+    if base_weights not in BASE_WEIGHT_RULES:
+        raise ValueError(f"load_adapter.base_weights: got {base_weights!r}; expected one of "
+                         f"{list(BASE_WEIGHT_RULES)}.")
     config, state = read_adapter(directory)
+    source = str(Path(directory) / WEIGHTS_NAME)
     if any(isinstance(m, LoRALayer) for m in model.modules()):
+        base = _base_weights(model, state, base_weights, source)
         load_adapter_state_dict(model, state)
+        _copy_base(model, base)
         return model
     flags = {id(p): p.requires_grad for p in model.parameters()}
     inject_lora(model, config)
     try:
+        base = _base_weights(model, state, base_weights, source)
         load_adapter_state_dict(model, state)
+        _copy_base(model, base)
     except Exception:
         unload_lora(model, merge=False)  # leave the model as it was
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
         raise
     return model
+
+
+def _copy_base(model: nn.Module, base: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in base.items():
+            if value.shape != params[key].shape:
+                raise AdapterLoadError(
+                    f"base weight {key!r} in the adapter file has shape {tuple(value.shape)}, "
+                    f"the model's has {tuple(params[key].shape)}; resize the model first."
+                )
+            params[key].copy_(value)

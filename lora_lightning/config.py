@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import ConfigError, ConfigTypeError
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -20,7 +22,7 @@ _SUFFIX_REGEX = r"(?:.*\.)?(?:{})"  # a rank/alpha key matches a name or a dotte
 
 
 def _fail(name: str, value: Any, allowed: str, exc: type[Exception] = ValueError) -> None:
-    raise exc(f"LoRAConfig.{name}: got {value!r}; {allowed}.")
+    raise (ConfigTypeError if exc is TypeError else ConfigError)(name, value, allowed)
 
 
 def _finite(value: float) -> bool:
@@ -98,7 +100,7 @@ class LoRAConfig:
         >>> LoRAConfig(r=0)
         Traceback (most recent call last):
         ...
-        ValueError: LoRAConfig.r: got 0; expected an integer >= 1.
+        lora_lightning.errors.ConfigError: LoRAConfig.r: got 0; expected an integer >= 1.
     """
 
     r: int = 8
@@ -186,21 +188,42 @@ class LoRAConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
         """Build from a dict, rejecting unknown keys with the list of valid ones."""
         if not isinstance(data, Mapping):
-            raise TypeError(f"LoRAConfig.from_dict: expected a mapping, got {type(data).__name__}.")
+            err = ConfigTypeError("from_dict", data, "expected a mapping of LoRAConfig fields")
+            err.args = (f"LoRAConfig.from_dict: expected a mapping, got {type(data).__name__}.",)
+            raise err
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
-                f"LoRAConfig: unknown field(s) {unknown}; valid fields are {sorted(known)}."
-            )
+            raise UnknownFieldError(unknown, sorted(known))
         return cls(**dict(data))
+
+
+class UnknownFieldError(ConfigError):
+    """``LoRAConfig.from_dict`` got keys that are not fields."""
+
+    def __init__(self, unknown: list[str], known: list[str]) -> None:
+        self.unknown, self.known = unknown, known
+        ValueError.__init__(
+            self, f"LoRAConfig: unknown field(s) {unknown}; valid fields are {known}."
+        )
+        self.field, self.value, self.allowed = unknown[0], unknown, f"one of {known}"
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     for key, value in patterns.items():
-        if re.fullmatch(_SUFFIX_REGEX.format(key), name):
+        if pattern_key_matches(key, name):
             return value
     return default
+
+
+def pattern_key_matches(key: str, name: str) -> bool:
+    """A ``rank_pattern``/``alpha_pattern`` key matches a name or a dotted suffix of it."""
+    return re.fullmatch(_SUFFIX_REGEX.format(key), name) is not None
+
+
+def entry_matches(entry: str, name: str) -> bool:
+    """One list entry matches a module's exact name or a dotted suffix of it."""
+    return name == entry or name.endswith("." + entry)
 
 
 def name_matches(name: str, spec: str | list[str] | None) -> bool:
@@ -209,4 +232,4 @@ def name_matches(name: str, spec: str | list[str] | None) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
+    return any(entry_matches(s, name) for s in spec)

@@ -32,201 +32,17 @@ because Lightning flips ``.training`` directly and would bypass such a hook.
 
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ADAPTER_PARAM_NAMES = ("lora_A", "lora_B", "lora_magnitude")
+from .layer_base import ADAPTER_PARAM_NAMES, LoRALayer
 
-
-class LoRALayer:
-    """Mixin shared by every LoRA layer type. Never instantiated directly.
-
-    Attributes set at injection: ``r``, ``lora_alpha``, ``scaling``, ``lora_dropout_p``,
-    ``use_dora``, ``merged`` and ``lora_disabled``.
-    """
-
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    _lora_base_class: type[nn.Module]
-
-    # -- construction ---------------------------------------------------------------
-    def _lora_setup(
-        self, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool
-    ) -> None:
-        self.r = r
-        self.lora_alpha = alpha
-        self.scaling = scaling
-        self.lora_dropout_p = dropout
-        self.use_dora = use_dora
-        self.merged = False
-        self.lora_disabled = False
-        self._dora_merge_norm: Tensor | None = None
-        self._lora_absent_keys: list[str] = []
-        w = self.weight
-        a_shape, b_shape = self._lora_shapes(r)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
-        self._lora_init_weights(init)
-        if use_dora:
-            with torch.no_grad():
-                norm = self._dora_weight_norm()
-            # In the weight's dtype: a float32 magnitude would promote a bf16 layer's output.
-            self.lora_magnitude = nn.Parameter(
-                norm.reshape(self._magnitude_shape()).to(w.dtype, copy=True)
-            )
-        self._lora_hooks = (
-            self.register_load_state_dict_pre_hook(self._lora_pre_load_hook),
-            self.register_load_state_dict_post_hook(self._lora_post_load_hook),
-        )
-
-    def _lora_init_weights(self, init: str) -> None:
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-
-    def _lora_teardown(self) -> None:
-        """Remove the adapter's parameters and hooks (the class swap is the caller's)."""
-        for handle in self._lora_hooks:
-            handle.remove()
-        for name in self.adapter_param_names():
-            delattr(self, name)
-        for attr in ("r", "lora_alpha", "scaling", "lora_dropout_p", "use_dora", "merged",
-                     "lora_disabled", "_dora_merge_norm", "_lora_absent_keys", "_lora_hooks"):
-            self.__dict__.pop(attr, None)
-
-    def adapter_param_names(self) -> tuple[str, ...]:
-        """Local names of this layer's adapter parameters."""
-        return ADAPTER_PARAM_NAMES if self.use_dora else ADAPTER_PARAM_NAMES[:2]
-
-    # -- key reconciliation: only this layer's own adapter keys may be missing -------
-    def _lora_pre_load_hook(self, module, state_dict, prefix, *args: Any) -> None:
-        self._lora_absent_keys = [
-            prefix + n for n in self.adapter_param_names() if prefix + n not in state_dict
-        ]
-
-    def _lora_post_load_hook(self, module, incompatible_keys) -> None:
-        missing = incompatible_keys.missing_keys
-        for key in self._lora_absent_keys:
-            while key in missing:
-                missing.remove(key)
-        self._lora_absent_keys = []
-
-    # -- per-type pieces (overridden) -----------------------------------------------
-    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        raise NotImplementedError
-
-    def _lora_out(self, x: Tensor) -> Tensor:
-        """B(A(x)), unscaled, in the layout of the base output."""
-        raise NotImplementedError
-
-    def _delta_native(self) -> Tensor:
-        """B·A in the base weight's layout, unscaled, in float32."""
-        raise NotImplementedError
-
-    def _base_nobias(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(f"DoRA is not supported for {type(self).__name__}")
-
-    def _out_first(self, w: Tensor) -> Tensor:
-        """View a weight-shaped tensor with the output dimension first."""
-        return w
-
-    def _bias_view(self) -> Tensor:
-        return self.bias
-
-    def _magnitude_shape(self) -> tuple[int, ...]:
-        return (self._out_first(self.weight).shape[0],)
-
-    # -- DoRA ------------------------------------------------------------------------
-    def _dora_weight_norm(self) -> Tensor:
-        """Per-output L2 norm of W + scale·ΔW, computed in float32, shape (out,)."""
-        w = self._out_first(self.weight).float() + self.scaling * self._out_first(
-            self._delta_native()
-        )
-        return w.flatten(1).norm(p=2, dim=1)
-
-    def _dora_factor(self, norm: Tensor) -> Tensor:
-        """m / ‖W + ΔW‖ shaped to broadcast over the out-first weight, float32."""
-        w_of = self._out_first(self.weight)
-        factor = self.lora_magnitude.reshape(-1).float() / norm
-        return factor.reshape((-1,) + (1,) * (w_of.dim() - 1))
-
-    # -- forward ---------------------------------------------------------------------
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        base = self._lora_base_class.forward
-        if self.merged or self.lora_disabled:
-            return base(self, x, *args, **kwargs)
-        result = base(self, x, *args, **kwargs)
-        xd = x
-        if self.lora_dropout_p > 0.0 and self.training:
-            xd = F.dropout(x, self.lora_dropout_p, training=True)
-        lora = self._lora_out(xd)
-        if not self.use_dora:
-            # In place: the base op's backward never needs its own output, and this
-            # saves one output-sized temporary per adapted layer.
-            return result.add_(lora, alpha=self.scaling)
-        m = self.lora_magnitude
-        scale = m / self._dora_weight_norm().detach().to(m.dtype).view_as(m)
-        if xd is x:
-            base_d = result if self.bias is None else result - self._bias_view()
-        else:
-            base_d = self._base_nobias(xd)
-        return result + (scale - 1) * base_d + scale * (self.scaling * lora)
-
-    # -- merge / unmerge -------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into ``weight`` (in float32, cast once). No-op if merged."""
-        if self.merged:
-            return
-        w = self.weight
-        new = self._out_first(w).float() + self.scaling * self._out_first(self._delta_native())
-        if self.use_dora:
-            norm = new.flatten(1).norm(p=2, dim=1)
-            self._dora_merge_norm = norm
-            new = new * self._dora_factor(norm)
-        self._out_first(w).copy_(new.to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update from ``weight`` again. No-op if not merged."""
-        if not self.merged:
-            return
-        w = self.weight
-        cur = self._out_first(w).float()
-        if self.use_dora:
-            cur = cur / self._dora_factor(self._dora_merge_norm)
-            self._dora_merge_norm = None
-        cur = cur - self.scaling * self._out_first(self._delta_native())
-        self._out_first(w).copy_(cur.to(w.dtype))
-        self.merged = False
-
-    @torch.no_grad()
-    def merged_weight(self) -> Tensor:
-        """The weight an un-injected module needs to compute this layer's output."""
-        w = self.weight
-        if self.merged:
-            return w.detach().clone()
-        new = self._out_first(w).float() + self.scaling * self._out_first(self._delta_native())
-        if self.use_dora:
-            new = new * self._dora_factor(new.flatten(1).norm(p=2, dim=1))
-        out = torch.empty_like(w)
-        self._out_first(out).copy_(new.to(w.dtype))
-        return out
-
-    def extra_repr(self) -> str:
-        base = self._lora_base_class.extra_repr(self)
-        return (f"{base}, lora_r={self.r}, lora_alpha={self.lora_alpha:g}, "
-                f"scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}")
+__all__ = ["ADAPTER_PARAM_NAMES", "LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConv2d",
+           "LoRAEmbedding", "lora_type_for", "hf_conv1d_type"]
 
 
 class _MatmulLoRA(LoRALayer):
@@ -244,7 +60,7 @@ class _MatmulLoRA(LoRALayer):
         raise NotImplementedError
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.merged or self.lora_disabled or self.use_dora:
+        if self.merged or self.lora_disabled or self.use_dora or x.is_nested:
             return LoRALayer.forward(self, x, *args, **kwargs)
         x2 = x.reshape(-1, x.shape[-1])
         out = self._base_2d(x2)
@@ -378,53 +194,72 @@ _BUILTIN = {
     nn.Conv2d: LoRAConv2d,
     nn.Embedding: LoRAEmbedding,
 }
-_LAZY: dict[type, type] = {}
+_MADE: dict[type, type] = {}
+SUPPORTED = ["nn.Linear", "nn.Conv1d", "nn.Conv2d", "nn.Embedding", "nn.MultiheadAttention",
+             "transformers Conv1D"]
 
 
-def _hf_conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
-        return None
-    return Conv1D
+def hf_conv1d_type() -> type | None:
+    """transformers' ``Conv1D``, if transformers is loaded (a model that has one loaded it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
 
 
-def _make_hf_conv1d_lora(base: type) -> type:
-    if base not in _LAZY:
-        cls = type("LoRAConv1D", (_LoRAConv1DMixin, base), {"_lora_base_class": base})
+def _made(lora_cls: type, base: type, name: str) -> type:
+    """A LoRA class for ``base`` (HF Conv1D, or a subclass of a supported type)."""
+    if base not in _MADE:
+        cls = type(name, (lora_cls, base), {"_lora_base_class": base})
         cls.__module__ = __name__
-        cls.__qualname__ = "LoRAConv1D"
-        _LAZY[base] = cls
-        globals()["LoRAConv1D"] = cls  # importable by name, so pickling works
-    return _LAZY[base]
+        cls.__qualname__ = name
+        _MADE[base] = cls
+        globals()[name] = cls  # importable by name, so pickling works
+    return _MADE[base]
 
 
-def lora_class_for(module: nn.Module) -> type | None:
-    """The LoRA class for ``module``'s exact type, or None if the type is unsupported."""
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def lora_type_for(module: nn.Module, config) -> type | str:
+    """The LoRA class for ``module``, or the reason it cannot carry one (worded to follow
+    the module's name in a sentence)."""
     t = type(module)
     if t in _BUILTIN:
-        return _BUILTIN[t]
-    if t.__name__ == "Conv1D" and t.__module__.startswith("transformers"):
-        return _make_hf_conv1d_lora(t)
-    return None
-
-
-def supported_type_names() -> list[str]:
-    return ["nn.Linear", "nn.Conv1d", "nn.Conv2d", "nn.Embedding", "transformers Conv1D"]
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for the types that ``"all-linear"`` targets: nn.Linear and HF Conv1D (also
-    once adapted, so that injecting again finds the modules it adapted before)."""
-    t = module._lora_base_class if isinstance(module, LoRALayer) else type(module)
-    return t is nn.Linear or (t.__name__ == "Conv1D" and t.__module__.startswith("transformers"))
+        cls = _BUILTIN[t]
+    elif t is hf_conv1d_type():
+        cls = _made(_LoRAConv1DMixin, t, "LoRAConv1D")
+    else:
+        base = next((b for b in _BUILTIN if issubclass(t, b)), None)
+        if base is None:
+            return (f"has type {_type_name(t)}, which LoRA does not support; supported types "
+                    f"are {SUPPORTED}. Narrow target_modules (for example to its Linear "
+                    "children) or add it to exclude_modules.")
+        own = [m for m in ("forward", "_conv_forward") if hasattr(base, m)
+               and getattr(t, m) is not getattr(base, m)]
+        if own:
+            return (f"has type {_type_name(t)}, a subclass of nn.{base.__name__} that "
+                    f"overrides {own[0]}(), so an adapter cannot know what it computes; "
+                    "adapt its parts instead or add it to exclude_modules.")
+        cls = _made(_BUILTIN[base], t, f"LoRA{t.__name__}")
+    if getattr(module, "groups", 1) != 1:
+        return (f"is a grouped convolution (groups={module.groups}); LoRA supports groups=1 "
+                "only. Add it to exclude_modules.")
+    if config.use_dora and issubclass(cls, LoRAEmbedding):
+        return ("is an nn.Embedding, which DoRA does not support; use use_dora=False or "
+                "exclude it.")
+    return cls
 
 
 def __getattr__(name: str) -> Any:
     # ``LoRAConv1D`` exists only once transformers is importable; build it on demand so
     # that unpickling a model in a fresh process finds the class.
     if name == "LoRAConv1D":
-        base = _hf_conv1d_class()
-        if base is not None:
-            return _make_hf_conv1d_lora(base)
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except Exception:  # transformers is optional
+            raise AttributeError(name) from None
+        return _made(_LoRAConv1DMixin, Conv1D, "LoRAConv1D")
+    if name == "LoRANonDynamicallyQuantizableLinear":  # nn.MultiheadAttention's out_proj
+        from torch.nn.modules.linear import NonDynamicallyQuantizableLinear as base
+        return _made(LoRALinear, base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,22 +2,73 @@
 
 Merging folds ``scale·B·A`` into ``W`` so inference costs nothing extra; it is always an
 explicit call, never a side effect of ``train()``/``eval()``.
+
+Tied weights (an embedding shared with an output layer, GPT-2's ``lm_head``): merging
+into a tensor that another module also uses would change that module too, so it is
+refused with a :class:`~lora_lightning.errors.TiedWeightError`, unless ``untie=True``
+gives the adapted module its own copy first (the other module keeps the base weight).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from .errors import TiedWeightError
 from .inject import CONFIG_ATTR, lora_layers, lora_param_keys
-from .layers import LoRALayer
+from .layer_base import LoRALayer
+from .layers_mha import unblock_fast_paths
+
+_UNTIE = ("Call merge_lora(model, untie=True) to give the adapted module its own copy of the "
+          "weight first (the tied modules keep the base weight), or keep the adapter unmerged.")
+_NO_EXPORT = ("A merged state dict cannot hold two values for a tensor the plain model ties: "
+              "export the adapter with save_adapter instead, or untie the weights in the model "
+              "(for transformers, tie_word_embeddings=False) before training.")
 
 
-def merge_lora(model: nn.Module) -> int:
-    """Merge every adapter into its base weight. Returns how many layers were merged."""
+def _weight_name(layer: LoRALayer) -> str:
+    return "in_proj_weight" if "in_proj_weight" in layer._parameters else "weight"
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Adapted module -> the other parameter names that share its weight tensor."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)].append(name)
+    out = {}
+    for name, layer in lora_layers(model).items():
+        own = f"{name}.{_weight_name(layer)}" if name else _weight_name(layer)
+        others = [n for n in holders[id(layer.weight)] if n != own]
+        if others:
+            out[name] = others
+    return out
+
+
+def _check_tied(model: nn.Module, layers: list[LoRALayer], untie: bool, hint: str) -> None:
+    tied = tied_weights(model)
+    by_layer = {id(m): n for n, m in lora_layers(model).items()}
+    for layer in layers:
+        name = by_layer[id(layer)]
+        if name not in tied:
+            continue
+        if not untie:
+            raise TiedWeightError(name, tied[name], hint)
+        attr = _weight_name(layer)
+        w = getattr(layer, attr)
+        setattr(layer, attr, nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad))
+
+
+def merge_lora(model: nn.Module, untie: bool = False) -> int:
+    """Merge every adapter into its base weight. Returns how many layers were merged.
+
+    A weight tied to another module is refused before anything changes, unless
+    ``untie=True`` (see the module docstring).
+    """
     layers = [m for m in lora_layers(model).values() if not m.merged]
+    _check_tied(model, layers, untie, _UNTIE)
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -35,11 +86,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """A plain state dict with the adapters folded in, for the un-injected model class.
 
     The model itself is not modified. The result loads with ``strict=True`` into a fresh
-    instance of the original model and computes the same outputs.
+    instance of the original model and computes the same outputs. Refused for an adapted
+    weight that is tied to another module (the plain model would tie them again).
     """
     layers = lora_layers(model)
+    tied = {n: t for n, t in tied_weights(model).items() if not layers[n].merged}
+    if tied:
+        name = next(iter(tied))
+        raise TiedWeightError(name, tied[name], _NO_EXPORT)
     adapter_keys = lora_param_keys(model)
-    merged = {f"{name}.weight": layer.merged_weight() for name, layer in layers.items()}
+    merged = {f"{name}.{_weight_name(layer)}": layer.merged_weight()
+              for name, layer in layers.items()}
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if key in adapter_keys:
@@ -48,14 +105,18 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload_lora(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Module:
     """Remove every adapter and restore the original module types, in place.
 
-    With ``merge=True`` (the default) the adapters are folded into the weights first;
-    with ``merge=False`` they are discarded and the base weights restored. Parameters keep
-    their ``requires_grad`` flags. Returns ``model``.
+    With ``merge=True`` (the default) the adapters are folded into the weights first
+    (tied weights as in :func:`merge_lora`); with ``merge=False`` they are discarded and
+    the base weights restored. Parameters keep their ``requires_grad`` flags. Returns
+    ``model``.
     """
-    for layer in lora_layers(model).values():
+    layers = list(lora_layers(model).values())
+    if merge:
+        _check_tied(model, [m for m in layers if not m.merged], untie, _UNTIE)
+    for layer in layers:
         if merge:
             layer.merge()
         else:
@@ -63,7 +124,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         base = layer._lora_base_class
         layer._lora_teardown()
         layer.__class__ = base
-    model.__dict__.pop(CONFIG_ATTR, None)
+    unblock_fast_paths(model)
     for m in model.modules():
         m.__dict__.pop(CONFIG_ATTR, None)
     return model

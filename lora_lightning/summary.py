@@ -6,17 +6,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .inject import InjectionReport, lora_layers
-
-
-def adapter_megabytes(model: nn.Module) -> float:
-    """Size of the trainable tensors in MB (what an adapter-only checkpoint stores)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total / 1e6
+from .params import trainable_megabytes
 
 
 def summary_table(model: nn.Module, config: LoRAConfig, report: InjectionReport) -> str:
@@ -36,7 +26,7 @@ def summary_table(model: nn.Module, config: LoRAConfig, report: InjectionReport)
         ("trainable", f"{p.trainable:,}"),
         ("total", f"{p.total:,}"),
         ("ratio", f"{100 * p.ratio:.3f}%"),
-        ("adapter size", f"{adapter_megabytes(model):.2f} MB"),
+        ("adapter size", f"{trainable_megabytes(model):.2f} MB"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["LoRA summary", "-" * (width + 40)]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_lightning.errors import ConfigError
 from lora_lightning import LoRAConfig
 
 FIELD_NAMES = [f.name for f in fields(LoRAConfig)]
@@ -99,7 +100,9 @@ INVALID = [
 def test_invalid_value_names_field_and_value(name, value, exc):
     with pytest.raises(exc, match=rf"^LoRAConfig\.{name}: got ") as info:
         LoRAConfig(**{name: value})
-    assert type(info.value) is exc
+    # A ConfigError carrying the field; a TypeError exactly when the type is wrong.
+    assert isinstance(info.value, ConfigError) and info.value.field == name
+    assert isinstance(info.value, TypeError) == (exc is TypeError)
     shown = repr(value)
     if isinstance(value, dict):  # the message shows the mapping or the offending key
         shown = repr(next(iter(value)))

@@ -374,13 +374,23 @@ def test_inject_requires_a_config():
         inject_lora(Net(), {"r": 2})
 
 
-def test_subclass_of_supported_type_is_not_silently_adapted():
+def test_subclass_that_overrides_forward_is_refused_and_a_plain_one_adapted():
+    # Issue 8: a subclass keeping Linear.forward computes what nn.Linear computes, so it
+    # is adapted (keeping its own class); one with its own forward is refused by name.
     class MyLinear(nn.Linear):
         pass
 
-    model = nn.Sequential(MyLinear(2, 2))
-    with pytest.raises(TypeError, match=r"target module '0' has type .*MyLinear"):
-        inject_lora(model, LoRAConfig(target_modules=["0"]))
+    class Odd(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyLinear(2, 2), Odd(2, 2))
+    with pytest.raises(TypeError, match=r"target module '1' has type .*Odd, a subclass of "
+                                        r"nn\.Linear that overrides forward\(\)"):
+        inject_lora(model, LoRAConfig(target_modules=["0", "1"]))
+    assert adapted(model) == set()
+    report = inject_lora(model, LoRAConfig(target_modules=["0"]))
+    assert report.injected == ["0"] and isinstance(model[0], MyLinear)
 
 
 # -- scale -------------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""Exception types of the core. Each carries the fields a caller needs to react to it, so
+nobody has to match on message text.
+
+``ConfigError`` is a ``ValueError`` (``ConfigTypeError`` also a ``TypeError``), so code that
+caught the built-in types before keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LoRAError(Exception):
+    """Base class of every error lora-lightning raises on purpose."""
+
+
+class ConfigError(LoRAError, ValueError):
+    """A ``LoRAConfig`` field has a bad value.
+
+    Attributes:
+        field: the ``LoRAConfig`` field (``"r"``, ``"target_modules"`` ...).
+        value: the value received.
+        allowed: what would work, in words.
+    """
+
+    owner = "LoRAConfig"
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{self.owner}.{field}: got {value!r}; {allowed}.")
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A ``LoRAConfig`` field has the wrong type."""
+
+
+class TargetMatchError(ConfigError):
+    """A target-like field (or one entry of it) matches no module of the model.
+
+    Attributes:
+        entry: the list entry or regex that matched nothing.
+        candidates: real module names nearest to ``entry`` (or the first candidates).
+    """
+
+    def __init__(self, field: str, value: Any, entry: str, candidates: list[str],
+                 allowed: str) -> None:
+        self.entry, self.candidates = entry, list(candidates)
+        self.field, self.value, self.allowed = field, value, allowed
+        ValueError.__init__(self, f"{self.owner}.{field}: got {value!r}, {allowed}.")
+
+
+class UnsupportedModuleError(LoRAError, TypeError):
+    """A module chosen as a target cannot carry an adapter.
+
+    Attributes:
+        name: the module's qualified name.
+        module_type: its type, as ``module.qualname``.
+        reason: why it cannot be adapted and what to do instead, worded to follow the
+            module's name (``"is a grouped convolution ..."``).
+    """
+
+    def __init__(self, name: str, module_type: str, reason: str) -> None:
+        self.name, self.module_type, self.reason = name, module_type, reason
+        super().__init__(f"target module {name!r} {reason}")
+
+
+class TiedWeightError(LoRAError, ValueError):
+    """Merging would write into a weight that another module shares.
+
+    Attributes:
+        name: the adapted module.
+        shared_with: the other modules' parameter names that hold the same tensor.
+    """
+
+    def __init__(self, name: str, shared_with: list[str], hint: str) -> None:
+        self.name, self.shared_with = name, list(shared_with)
+        super().__init__(
+            f"cannot merge the adapter of {name!r}: its weight is tied to {shared_with} "
+            f"(the same tensor), so merging would silently change those modules too. {hint}"
+        )

@@ -1,0 +1,246 @@
+"""Resolve a ``LoRAConfig`` against a model, once, into an injection plan.
+
+The plan says, for every module, whether it gets an adapter (with which layer type, rank,
+alpha and scale), already has one, is trained fully (``modules_to_save``), or was left out
+and why. Injection, freezing and the report all read the plan; nothing re-matches names.
+
+Matching is strict: every entry of a list field (``target_modules``, ``exclude_modules``,
+``modules_to_save``), a regex ``exclude_modules``, and every ``rank_pattern``/
+``alpha_pattern`` key must match at least one module, or a :class:`TargetMatchError`
+names the entry and the nearest real names. A misspelled entry is never silently ignored.
+
+The ``"all-linear"`` rule: every ``nn.Linear`` (or subclass that keeps ``Linear.forward``),
+HF ``Conv1D`` and ``nn.MultiheadAttention``, except modules inside an output head: the
+model's ``get_output_embeddings()``, any module whose own name is one of
+:data:`HEAD_NAMES`, and ``modules_to_save``, each with everything below it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoRAConfig, entry_matches, name_matches, pattern_key_matches
+from .errors import TargetMatchError, UnsupportedModuleError
+from .layers import LoRALayer, hf_conv1d_type, lora_type_for
+from .layers_mha import LoRAMultiheadAttention
+
+HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer")
+"""Module names that ``"all-linear"`` treats as output heads (with their children)."""
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One module that gets (or has) an adapter."""
+
+    name: str
+    kind: str
+    """The base type's name: ``"Linear"``, ``"Conv2d"``, ``"MultiheadAttention"`` ..."""
+    lora_class: type
+    r: int
+    alpha: float
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A module that a target rule reached but that gets no adapter, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class InjectionPlan:
+    config: LoRAConfig
+    new: dict[str, PlannedLayer] = field(default_factory=dict)
+    """Modules to adapt now."""
+    existing: dict[str, PlannedLayer] = field(default_factory=dict)
+    """Modules that already carry an adapter with these settings (left untouched)."""
+    saved: list[str] = field(default_factory=list)
+    """``modules_to_save``: trained fully (the top-most matching modules)."""
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _nearest(entry: str, names: list[str], limit: int = 5) -> list[str]:
+    leaves = {n.rsplit(".", 1)[-1]: n for n in names}
+    close = difflib.get_close_matches(entry, list(leaves), n=limit, cutoff=0.5)
+    close += difflib.get_close_matches(entry, names, n=limit, cutoff=0.5)
+    out = list(dict.fromkeys(close))
+    return out[:limit] if out else sorted({n.rsplit(".", 1)[-1] for n in names})[:limit]
+
+
+def _no_match(field_name: str, value, entry: str, names: list[str], what: str):
+    near = _nearest(entry, names)
+    return TargetMatchError(
+        field_name, value, entry, near,
+        f"{what} {entry!r} matches no module{'' if what != 'key' else ' that gets an adapter'}"
+        f"; nearest module names: {near}. Every entry must name a real module (an exact "
+        "name or a dotted suffix)",
+    )
+
+
+def _check_entries(config: LoRAConfig, names: list[str]) -> None:
+    """Every list entry, and a regex ``exclude_modules``, must match some module."""
+    fields = {"target_modules": config.target_modules, "exclude_modules": config.exclude_modules,
+              "modules_to_save": config.modules_to_save}
+    for field_name, spec in fields.items():
+        if spec is None or spec == ALL_LINEAR:
+            continue
+        if isinstance(spec, str):
+            if field_name == "exclude_modules" and not any(re.fullmatch(spec, n) for n in names):
+                raise _no_match(field_name, spec, spec, names, "regex")
+            continue
+        unmatched = [e for e in spec if not any(entry_matches(e, n) for n in names)]
+        if field_name == "target_modules" and len(unmatched) == len(spec):
+            continue  # nothing matches at all: the whole-field error lists the candidates
+        if unmatched:
+            raise _no_match(field_name, spec, unmatched[0], names, "entry")
+
+
+def _inside(name: str, roots: set[str]) -> str | None:
+    """The root in ``roots`` that is ``name`` or one of its ancestors, if any."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in roots:
+            return prefix
+    return None
+
+
+def _heads(model: nn.Module, saved: set[str]) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    heads = set(saved)
+    for name, m in model.named_modules():
+        if name and ((out is not None and m is out) or name.rsplit(".", 1)[-1] in HEAD_NAMES):
+            heads.add(name)
+    return heads
+
+
+def _linear_like(module: nn.Module, parent: nn.Module | None) -> bool:
+    t = module._lora_base_class if isinstance(module, LoRALayer) else type(module)
+    if isinstance(parent, nn.MultiheadAttention) and isinstance(module, nn.Linear):
+        return False  # MHA's out_proj: adapted as part of its MultiheadAttention
+    return issubclass(t, nn.Linear | nn.MultiheadAttention) or t is hf_conv1d_type()
+
+
+def _layer_type(name: str, module: nn.Module, parent: nn.Module | None,
+                config: LoRAConfig) -> type | str:
+    """The LoRA class for ``module``, or the reason it cannot carry an adapter."""
+    if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
+        return (f"is the out_proj of the nn.MultiheadAttention {name.rpartition('.')[0]!r}, which "
+                "reads its weight directly and never calls it; target the MultiheadAttention "
+                "module itself (it adapts both the packed in_proj and out_proj)")
+    if isinstance(module, nn.MultiheadAttention):
+        return LoRAMultiheadAttention.check(module, config)
+    return lora_type_for(module, config)
+
+
+def _unsupported(name: str, module: nn.Module, reason: str) -> UnsupportedModuleError:
+    t = type(module)
+    return UnsupportedModuleError(name, f"{t.__module__}.{t.__qualname__}", reason)
+
+
+def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
+    """Resolve ``config`` against ``model``; raise before anything is changed if it does
+    not fit (an entry that matches nothing, an unsupported explicit target)."""
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    _check_entries(config, names)
+    plan = InjectionPlan(config)
+    saved_all = {n for n in names if name_matches(n, config.modules_to_save)}
+    plan.saved = sorted(n for n in saved_all if _inside(n.rpartition(".")[0], saved_all) is None)
+    all_linear = config.target_modules == ALL_LINEAR
+    heads = _heads(model, saved_all) if all_linear else set(saved_all)
+    for name in names:
+        module = modules[name]
+        parent_name = name.rpartition(".")[0]
+        parent = modules[parent_name]
+        if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj and (
+                parent_name in plan.new or parent_name in plan.existing):
+            continue  # planned with its attention module, below
+        if all_linear:
+            if not _linear_like(module, parent):
+                continue
+        elif not name_matches(name, config.target_modules):
+            continue
+        kind = (module._lora_base_class if isinstance(module, LoRALayer) else type(module))
+        if name_matches(name, config.exclude_modules):
+            plan.skipped.append(Skipped(name, kind.__name__, "matches exclude_modules"))
+            continue
+        head = _inside(name, heads)
+        if head is not None:
+            why = ("in modules_to_save" if head in saved_all else "an output head")
+            plan.skipped.append(Skipped(name, kind.__name__, f"inside {head!r} ({why})"))
+            continue
+        if isinstance(module, LoRALayer):
+            _check_existing(name, module, config)
+            plan.existing[name] = _planned(name, kind, type(module), config)
+            continue
+        cls = _layer_type(name, module, parent, config)
+        if isinstance(cls, str):
+            if all_linear:
+                plan.skipped.append(Skipped(name, kind.__name__, cls))
+                continue
+            raise _unsupported(name, module, cls)
+        plan.new[name] = _planned(name, kind, cls, config)
+        if cls is LoRAMultiheadAttention:
+            # MHA reads out_proj's weight directly: adapt it with the same rank and alpha.
+            out, mha = module.out_proj, plan.new[name]
+            out_cls = lora_type_for(out, config)
+            plan.new[f"{name}.out_proj"] = PlannedLayer(
+                f"{name}.out_proj", type(out).__name__, out_cls, mha.r, mha.alpha, mha.scaling)
+    if not plan.new and not plan.existing:
+        raise _nothing_matched(model, config, plan)
+    _check_pattern_keys(config, [*plan.new, *plan.existing], names)
+    return plan
+
+
+def _planned(name: str, kind: type, cls: type, config: LoRAConfig) -> PlannedLayer:
+    r, alpha = config.rank_for(name), config.alpha_for(name)
+    return PlannedLayer(name, kind.__name__, cls, r, alpha, config.scaling_for(r, alpha))
+
+
+def _check_existing(name: str, module: LoRALayer, config: LoRAConfig) -> None:
+    want = (config.rank_for(name), config.alpha_for(name), config.use_dora)
+    if (module.r, module.lora_alpha, module.use_dora) != want:
+        raise ValueError(
+            f"inject_lora: module {name!r} already has an adapter with r={module.r}, "
+            f"alpha={module.lora_alpha:g}, dora={module.use_dora}; the config asks for "
+            f"r={want[0]}, alpha={want[1]:g}, dora={want[2]}. Call unload_lora(model) first "
+            "to change it."
+        )
+
+
+def _check_pattern_keys(config: LoRAConfig, targets: list[str], names: list[str]) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name)
+        for key in patterns:
+            if not any(pattern_key_matches(key, n) for n in targets):
+                raise _no_match(field_name, patterns, key, targets or names, "key")
+
+
+def candidates(model: nn.Module, config: LoRAConfig, limit: int = 20) -> list[str]:
+    """Modules that could carry an adapter, as ``"name (Type)"``, for error messages."""
+    modules = dict(model.named_modules())
+    found = [f"{n} ({type(m).__name__})" for n, m in modules.items()
+             if n and not isinstance(_layer_type(n, m, modules[n.rpartition('.')[0]],
+                                                 config), str)]
+    more = [f"... and {len(found) - limit} more"] if len(found) > limit else []
+    return found[:limit] + more
+
+
+def _nothing_matched(model: nn.Module, config: LoRAConfig, plan: InjectionPlan):
+    skipped = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped[:5])
+    return TargetMatchError(
+        "target_modules", config.target_modules, str(config.target_modules),
+        candidates(model, config),
+        "which matches no module of a supported type"
+        + (f" (skipped: {skipped})" if skipped else "")
+        + f"; candidates: {candidates(model, config)}",
+    )
