@@ -26,12 +26,12 @@ import warnings
 
 import pytest
 import torch
+from _arch_cases import CASES, Case, flat_output, loss_weights
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lora_lightning import (
     LoRAConfig,
-    adapter_state_dict,
     count_parameters,
     inject_lora,
     load_adapter,
@@ -42,8 +42,6 @@ from lora_lightning import (
     unmerge_lora,
 )
 from lora_lightning.adapter_io import to_peft_keys
-
-from _arch_cases import CASES, Case, flat_output, loss_weights
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
