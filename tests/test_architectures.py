@@ -198,7 +198,8 @@ def test_trainable_count_equals_peft(case, targets, peft):
     pm = peft_model(peft, case, targets)
     trainable, _ = pm.get_nb_trainable_parameters()
     assert count_parameters(model).trainable == trainable
-    peft_names = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+    peft_names = {n.removeprefix("base_model.model.").replace(".base_layer", "")
+                  for n, m in pm.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert set(lora_layers(model)) == peft_names
 
