@@ -78,7 +78,7 @@ def _no_match(field_name: str, value, entry: str, names: list[str], what: str):
     near = _nearest(entry, names)
     return TargetMatchError(
         field_name, value, entry, near,
-        f"{what} {entry!r} matches no module{'' if what != 'key' else ' that gets an adapter'}"
+        f"{what} {entry!r} matches no module"
         f"; nearest module names: {near}. Every entry must name a real module (an exact "
         "name or a dotted suffix)",
     )
@@ -197,7 +197,7 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
                 f"{name}.out_proj", type(out).__name__, out_cls, mha.r, mha.alpha, mha.scaling)
     if not plan.new and not plan.existing:
         raise _nothing_matched(model, config, plan)
-    _check_pattern_keys(config, [*plan.new, *plan.existing], names)
+    _check_pattern_keys(config, names)
     return plan
 
 
@@ -217,12 +217,12 @@ def _check_existing(name: str, module: LoRALayer, config: LoRAConfig) -> None:
         )
 
 
-def _check_pattern_keys(config: LoRAConfig, targets: list[str], names: list[str]) -> None:
+def _check_pattern_keys(config: LoRAConfig, names: list[str]) -> None:
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name)
         for key in patterns:
-            if not any(pattern_key_matches(key, n) for n in targets):
-                raise _no_match(field_name, patterns, key, targets or names, "key")
+            if not any(pattern_key_matches(key, n) for n in names):
+                raise _no_match(field_name, patterns, key, names, "key")
 
 
 def candidates(model: nn.Module, config: LoRAConfig, limit: int = 20) -> list[str]:
