@@ -216,7 +216,8 @@ def _made(lora_cls: type, base: type, name: str) -> type:
     return _MADE[base]
 
 
-def _type_name(t: type) -> str:
+def type_name(t: type) -> str:
+    """``module.qualname`` of a type, as errors name it."""
     return f"{t.__module__}.{t.__qualname__}"
 
 
@@ -231,13 +232,13 @@ def lora_type_for(module: nn.Module, config) -> type | str:
     else:
         base = next((b for b in _BUILTIN if issubclass(t, b)), None)
         if base is None:
-            return (f"has type {_type_name(t)}, which LoRA does not support; supported types "
+            return (f"has type {type_name(t)}, which LoRA does not support; supported types "
                     f"are {SUPPORTED}. Narrow target_modules (for example to its Linear "
                     "children) or add it to exclude_modules.")
         own = [m for m in ("forward", "_conv_forward") if hasattr(base, m)
                and getattr(t, m) is not getattr(base, m)]
         if own:
-            return (f"has type {_type_name(t)}, a subclass of nn.{base.__name__} that "
+            return (f"has type {type_name(t)}, a subclass of nn.{base.__name__} that "
                     f"overrides {own[0]}(), so an adapter cannot know what it computes; "
                     "adapt its parts instead or add it to exclude_modules.")
         cls = _made(_BUILTIN[base], t, f"LoRA{t.__name__}")

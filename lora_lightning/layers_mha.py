@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer_base import LoRALayer
+from .layers import type_name
 
 _FASTPATH_ATTR = "_lora_no_fastpath"
 _NESTED_ATTR = "_lora_use_nested_tensor"
@@ -68,7 +69,7 @@ class LoRAMultiheadAttention(LoRALayer, nn.MultiheadAttention):
         """This class for ``module``, or the reason it cannot carry an adapter."""
         t = type(module)
         if t.forward is not nn.MultiheadAttention.forward:
-            return (f"has type {t.__module__}.{t.__qualname__}, a subclass of "
+            return (f"has type {type_name(t)}, a subclass of "
                     "nn.MultiheadAttention that overrides forward(); add it to "
                     "exclude_modules.")
         if not module._qkv_same_embed_dim:

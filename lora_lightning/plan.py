@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig, entry_matches, name_matches, pattern_key_matches
 from .errors import TargetMatchError, UnsupportedModuleError
-from .layers import LoRALayer, hf_conv1d_type, lora_type_for
+from .layers import LoRALayer, hf_conv1d_type, lora_type_for, type_name
 from .layers_mha import LoRAMultiheadAttention
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer")
@@ -142,8 +142,7 @@ def _layer_type(name: str, module: nn.Module, parent: nn.Module | None,
 
 
 def _unsupported(name: str, module: nn.Module, reason: str) -> UnsupportedModuleError:
-    t = type(module)
-    return UnsupportedModuleError(name, f"{t.__module__}.{t.__qualname__}", reason)
+    return UnsupportedModuleError(name, type_name(type(module)), reason)
 
 
 def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
@@ -237,10 +236,10 @@ def candidates(model: nn.Module, config: LoRAConfig, limit: int = 20) -> list[st
 
 def _nothing_matched(model: nn.Module, config: LoRAConfig, plan: InjectionPlan):
     skipped = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped[:5])
+    found = candidates(model, config)
     return TargetMatchError(
-        "target_modules", config.target_modules, str(config.target_modules),
-        candidates(model, config),
+        "target_modules", config.target_modules, str(config.target_modules), found,
         "which matches no module of a supported type"
         + (f" (skipped: {skipped})" if skipped else "")
-        + f"; candidates: {candidates(model, config)}",
+        + f"; candidates: {found}",
     )
