@@ -8,6 +8,7 @@ per-output norm are written here once.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ def _row_norm(w: Tensor) -> Tensor:
 class LoRALayer:
     """Mixin shared by every LoRA layer type. Never instantiated directly.
 
-    Attributes set at injection: ``r``, ``lora_alpha``, ``scaling``, ``lora_dropout_p``,
+    Attributes set at injection: ``r``, ``alpha``, ``scaling``, ``lora_dropout_p``,
     ``use_dora``, ``merged`` and ``lora_disabled``.
     """
 
@@ -40,7 +41,7 @@ class LoRALayer:
         self, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool
     ) -> None:
         self.r = r
-        self.lora_alpha = alpha
+        self.alpha = alpha
         self.scaling = scaling
         self.lora_dropout_p = dropout
         self.use_dora = use_dora
@@ -79,9 +80,16 @@ class LoRALayer:
             handle.remove()
         for name in self.adapter_param_names():
             delattr(self, name)
-        for attr in ("r", "lora_alpha", "scaling", "lora_dropout_p", "use_dora", "merged",
+        for attr in ("r", "alpha", "scaling", "lora_dropout_p", "use_dora", "merged",
                      "lora_disabled", "_dora_merge_norm", "_lora_absent_keys", "_lora_hooks"):
             self.__dict__.pop(attr, None)
+
+    @property
+    def lora_alpha(self) -> float:
+        """Deprecated spelling of ``alpha`` (the name ``LoRAConfig`` uses)."""
+        warnings.warn("LoRALayer.lora_alpha is deprecated; use .alpha (as in LoRAConfig).",
+                      DeprecationWarning, stacklevel=2)
+        return self.alpha
 
     def adapter_param_names(self) -> tuple[str, ...]:
         """Local names of this layer's adapter parameters."""
@@ -212,5 +220,5 @@ class LoRALayer:
 
     def extra_repr(self) -> str:
         base = self._lora_base_class.extra_repr(self)
-        return (f"{base}, lora_r={self.r}, lora_alpha={self.lora_alpha:g}, "
+        return (f"{base}, lora_r={self.r}, alpha={self.alpha:g}, "
                 f"scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}")

@@ -207,10 +207,10 @@ def _planned(name: str, kind: type, cls: type, config: LoRAConfig) -> PlannedLay
 
 def _check_existing(name: str, module: LoRALayer, config: LoRAConfig) -> None:
     want = (config.rank_for(name), config.alpha_for(name), config.use_dora)
-    if (module.r, module.lora_alpha, module.use_dora) != want:
+    if (module.r, module.alpha, module.use_dora) != want:
         raise ValueError(
             f"inject_lora: module {name!r} already has an adapter with r={module.r}, "
-            f"alpha={module.lora_alpha:g}, dora={module.use_dora}; the config asks for "
+            f"alpha={module.alpha:g}, dora={module.use_dora}; the config asks for "
             f"r={want[0]}, alpha={want[1]:g}, dora={want[2]}. Call unload_lora(model) first "
             "to change it."
         )
