@@ -129,10 +129,10 @@ def torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, trusted: b
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        if "Weights only load failed" not in text or not zipfile.is_zipfile(path):
-            raise
-        raise UnsafeFileError(str(path), [_refused_in(text)], what) from err
+        if not zipfile.is_zipfile(path):
+            raise  # a damaged or foreign file: the caller reports it as unreadable
+        # An intact archive whose globals passed the check but that torch still refuses.
+        raise UnsafeFileError(str(path), [_refused_in(str(err))], what) from err
 
 
 def _refused_in(message: str) -> str:
