@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AdapterLoadError
-from .inject import lora_layers, lora_param_keys
+from .registry import lora_layers, lora_param_keys
 
 
 def adapter_keys(model: nn.Module) -> list[str]:

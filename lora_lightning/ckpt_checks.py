@@ -11,7 +11,7 @@ from .adapter_state import preview
 from .ckpt_meta import META_VERSION
 from .errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
 from .fingerprint import base_fingerprint
-from .inject import find_config, lora_layers, lora_param_keys
+from .registry import find_config, lora_layers, lora_param_keys
 
 
 def check_adapter_keys_present(

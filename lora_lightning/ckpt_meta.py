@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .adapter_state import adapter_keys
 from .fingerprint import base_fingerprint
-from .inject import lora_layers
+from .registry import lora_layers
 
 META_KEY = "lora_lightning"
 META_VERSION = 1

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .errors import AdapterFileError, ConfigError
-from .inject import lora_layers
 from .layer_base import LoRALayer
 from .layers import LoRAEmbedding
 from .layers_mha import LoRAMultiheadAttention
+from .registry import lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."

@@ -296,9 +296,9 @@ def test_no_dropout_means_no_copy_of_the_input(layer_name, variant, mode, monkey
     original_lora_out = layer._lora_out
     real_linear = F.linear
 
-    def spy(inp):
+    def spy(inp, *adapter):
         seen.append(inp)
-        return original_lora_out(inp)
+        return original_lora_out(inp, *adapter)
 
     def linear_spy(inp, weight, *args, **kwargs):
         # The fused Linear/Conv1D path feeds the input straight to A, without _lora_out.
