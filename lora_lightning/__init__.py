@@ -4,8 +4,15 @@ The core (config, layers, injection, merge, checkpoints, adapter files) is plain
 the Lightning callback sits on top of it and the Hydra app on top of that.
 """
 
-from .adapter_io import load_adapter, read_adapter, save_adapter
+from .adapter_io import load_adapter, load_adapters, read_adapter, save_adapter, save_adapters
 from .adapter_state import adapter_state_dict, load_adapter_state_dict
+from .adapters import (
+    active_adapters,
+    delete_adapter,
+    list_adapters,
+    per_sample_adapters,
+    set_adapter,
+)
 from .config import LoRAConfig
 from .errors import (
     AdapterFileError,
@@ -26,6 +33,7 @@ from .layer_base import LoRALayer
 from .merge import disable_adapters, merge_lora, merged_state_dict, unload_lora, unmerge_lora
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, plan_injection
+from .registry import AdapterNameError
 from .safe_load import read_checkpoint
 
 __version__ = "0.1.0"
@@ -48,6 +56,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdapterFileError",
     "AdapterLoadError",
+    "AdapterNameError",
     "CheckpointMismatchError",
     "CheckpointReadError",
     "ConfigError",
@@ -63,21 +72,28 @@ __all__ = [
     "TiedWeightError",
     "UnsafeFileError",
     "UnsupportedModuleError",
+    "active_adapters",
     "adapter_state_dict",
     "base_fingerprint",
     "count_parameters",
+    "delete_adapter",
     "disable_adapters",
     "inject_lora",
+    "list_adapters",
     "load_adapter",
     "load_adapter_state_dict",
+    "load_adapters",
     "load_lora_checkpoint",
     "lora_layers",
     "merge_lora",
     "merged_state_dict",
+    "per_sample_adapters",
     "plan_injection",
     "read_adapter",
     "read_checkpoint",
     "save_adapter",
+    "save_adapters",
+    "set_adapter",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -17,48 +17,64 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_state import adapter_keys, adapter_state_dict, load_adapter_state_dict
+from .adapters import activate, delete_adapter
 from .atomic import write_files
 from .config import LoRAConfig
 from .errors import AdapterFileError, AdapterLoadError
-from .inject import find_config, inject_lora, lora_layers
-from .layer_base import LoRALayer
+from .inject import inject_lora
+from .layer_base import DEFAULT_ADAPTER, LoRALayer
 from .merge import unload_lora
 from .peft_format import CONFIG_NAME, from_peft_config, from_peft_keys, to_peft_config, to_peft_keys
+from .registry import (
+    check_name,
+    current_adapter,
+    find_config,
+    find_registry,
+    known,
+    lora_layers,
+    lora_param_keys,
+)
 from .safe_load import READ_ERRORS, torch_load
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None
-                 ) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None,
+                 adapter: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``.
 
+    ``adapter`` names which adapter to write (default: the active one, or the only one).
     Both files are written to temporary names first and renamed only once both are
     complete, so a crash or a full disk mid-save leaves the previous adapter loadable.
     """
     from safetensors.torch import save_file
 
-    config = config or find_config(model)
+    if adapter is not None:
+        known(model, adapter)
+    name = adapter or current_adapter(model)
+    config = config or find_config(model, name)
     if config is None or not lora_layers(model):
         raise ValueError(
             "save_adapter: the model has no LoRA layers; call inject_lora(model, config) first."
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    single = len(find_registry(model).configs) == 1 and adapter is None
+    state = adapter_state_dict(model, None if single else name)
     tensors = {
         k: v.detach().cpu().contiguous().clone()
-        for k, v in to_peft_keys(model, adapter_state_dict(model)).items()
+        for k, v in to_peft_keys(model, state, name).items()
     }
-    text = json.dumps(to_peft_config(model, config), indent=2, sort_keys=True)
+    text = json.dumps(to_peft_config(model, config, name), indent=2, sort_keys=True)
     write_files([(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p))),
                  (directory / CONFIG_NAME, lambda p: Path(p).write_text(text))],
                 f"save_adapter wrote nothing; the adapter in {directory} is unchanged")
     return directory
 
 
-def read_adapter(directory: str | os.PathLike, *, trusted: bool = False
-                 ) -> tuple[LoRAConfig, dict[str, Tensor]]:
+def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
+                 adapter: str = DEFAULT_ADAPTER) -> tuple[LoRAConfig, dict[str, Tensor]]:
     """Read an adapter directory into a config and a state dict with our key names.
 
     Weights are read from ``adapter_model.safetensors``. A directory with only PEFT's older
@@ -79,7 +95,7 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False
         raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).", str(cfg_path)) from err
     data.pop("lora_lightning", None) if isinstance(data, dict) else None
     config = from_peft_config(data, str(cfg_path))
-    return config, from_peft_keys(_read_weights(directory, trusted))
+    return config, from_peft_keys(_read_weights(directory, trusted), adapter)
 
 
 def _read_weights(directory: Path, trusted: bool) -> dict[str, Tensor]:
@@ -117,14 +133,14 @@ BASE_WEIGHT_RULES = ("check", "apply")
 
 
 def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
-                  source: str) -> dict[str, Tensor]:
+                  source: str, adapter: str | None = None) -> dict[str, Tensor]:
     """Take out of ``state`` the frozen base weights of adapted layers that PEFT saves
     (``embed_tokens.base_layer.weight`` under ``save_embedding_layers="auto"``).
 
     ``"check"``: each must equal the model's own, else the load is refused naming the key.
     ``"apply"``: they are returned, to be copied into the base once the adapter fits.
     """
-    trained = set(adapter_keys(model))
+    trained = set(adapter_keys(model, adapter)) | lora_param_keys(model)
     params = dict(model.named_parameters())
     base_keys = {f"{n}.{leaf}" for n, m in lora_layers(model).items()
                  for leaf, _ in m.named_parameters(recurse=False)} - trained
@@ -145,37 +161,84 @@ def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
-                 base_weights: str = "check", *, trusted: bool = False) -> nn.Module:
+                 base_weights: str = "check", *, trusted: bool = False,
+                 adapter: str | None = None) -> nn.Module:
     """Load a PEFT-format adapter into ``model``, injecting LoRA first if needed.
 
-    If ``model`` already carries adapters, their layout must match the file's. Nothing is
-    written to the model unless the whole adapter fits. Base weights that PEFT saves beside
+    Without ``adapter``, a model that already carries adapters must match the file's
+    layout (its values are replaced). With ``adapter="name"``, the file becomes that
+    adapter: a new one is added beside the others (they stay as they are and stay active;
+    switch with ``set_adapter``), an existing one has its values replaced. The base weights
+    are never touched. Nothing is written to the model unless the whole adapter fits. Base weights that PEFT saves beside
     the adapter (embedding layers) are checked against the model's (``base_weights="check"``,
     a difference is refused) or copied into it (``"apply"``).
     """
     if base_weights not in BASE_WEIGHT_RULES:
         raise ValueError(f"load_adapter.base_weights: got {base_weights!r}; expected one of "
                          f"{list(BASE_WEIGHT_RULES)}.")
-    config, state = read_adapter(directory, trusted=trusted)
+    name = check_name(adapter) if adapter is not None else DEFAULT_ADAPTER
+    config, state = read_adapter(directory, trusted=trusted, adapter=name)
     source = str(Path(directory) / WEIGHTS_NAME)
-    if any(isinstance(m, LoRALayer) for m in model.modules()):
-        base = _base_weights(model, state, base_weights, source)
-        load_adapter_state_dict(model, state)
+    reg = find_registry(model)
+    into_existing = (adapter is None and any(isinstance(m, LoRALayer) for m in model.modules())
+                     ) or (reg is not None and name in reg.configs)
+    if into_existing:
+        base = _base_weights(model, state, base_weights, source, adapter)
+        load_adapter_state_dict(model, state, adapter)
         _copy_base(model, base)
         return model
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    inject_lora(model, config)
+    previous = list(reg.active) if reg is not None and reg.configs else None
+    inject_lora(model, config, name)
     try:
-        _check_ranks_fit(model, str(Path(directory) / CONFIG_NAME))
-        base = _base_weights(model, state, base_weights, source)
-        load_adapter_state_dict(model, state)
+        _check_ranks_fit(model, name, str(Path(directory) / CONFIG_NAME))
+        base = _base_weights(model, state, base_weights, source, adapter)
+        load_adapter_state_dict(model, state, adapter)
         _copy_base(model, base)
     except Exception:
-        unload_lora(model, merge=False)  # leave the model as it was
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        if previous is None:
+            unload_lora(model, merge=False)  # leave the model as it was
+        else:
+            delete_adapter(model, name)
+            activate(model, previous)
+        _restore_flags(model, flags)
         raise
+    if previous is not None:  # loading adds an adapter; it does not switch to it
+        activate(model, previous)
+        _restore_flags(model, flags)
     return model
+
+
+def _restore_flags(model: nn.Module, flags: dict[int, bool]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flags.get(id(p), False))
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Save every adapter in PEFT's multi-adapter layout: ``default`` in ``directory``,
+    each other adapter in ``directory/<name>``. Returns the names saved."""
+    names = list(find_registry(model).configs) if find_registry(model) else []
+    if not names:
+        raise ValueError("save_adapters: the model has no adapters; call inject_lora first.")
+    for name in names:
+        target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+        save_adapter(model, target, adapter=name)
+    return names
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike, **kwargs) -> list[str]:
+    """Load PEFT's multi-adapter layout (see :func:`save_adapters`): the adapter at the top
+    as ``default``, each subfolder holding an ``adapter_config.json`` under its name.
+    Keyword arguments go to :func:`load_adapter`. Returns the names loaded."""
+    directory = Path(directory)
+    found = ([(DEFAULT_ADAPTER, directory)] if (directory / CONFIG_NAME).is_file() else []) + [
+        (sub.name, sub) for sub in sorted(directory.iterdir()) if (sub / CONFIG_NAME).is_file()]
+    if not found:
+        raise AdapterFileError(f"{directory}: no {CONFIG_NAME} at the top or in a subfolder; "
+                               "not an adapter directory.", str(directory))
+    for name, path in found:
+        load_adapter(model, path, adapter=name, **kwargs)
+    return [n for n, _ in found]
 
 
 def _copy_base(model: nn.Module, base: dict[str, Tensor]) -> None:
@@ -190,12 +253,15 @@ def _copy_base(model: nn.Module, base: dict[str, Tensor]) -> None:
             params[key].copy_(value)
 
 
-def _check_ranks_fit(model: nn.Module, source: str) -> None:
+def _check_ranks_fit(model: nn.Module, adapter: str, source: str) -> None:
     """Refuse a rank larger than the layer it adapts (``r`` > min(d, k) adds nothing)."""
     for name, layer in lora_layers(model).items():
-        most = min(layer.lora_A[0].numel(), layer.lora_B.shape[0])
-        if layer.r > most:
+        if adapter not in layer.lora_specs:
+            continue
+        a, b = layer._ab(adapter)
+        r, most = layer.lora_specs[adapter].r, min(a[0].numel(), b.shape[0])
+        if r > most:
             raise AdapterFileError(
                 f"{source}: field 'r' (or a rank_pattern entry) gives {name!r} rank "
-                f"{layer.r}, larger than the layer allows (at most {most}, the smaller of its "
+                f"{r}, larger than the layer allows (at most {most}, the smaller of its "
                 "input and output sizes); use a rank <= that.", source, "r")

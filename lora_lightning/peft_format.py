@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import LoRAConfig
 from .errors import AdapterFileError, ConfigError
-from .layer_base import LoRALayer
+from .layer_base import ADAPTER_PARAM_NAMES, DEFAULT_ADAPTER, LoRALayer, param_names
 from .layers import LoRAEmbedding
 from .layers_mha import LoRAMultiheadAttention
 from .registry import lora_layers
@@ -60,10 +60,13 @@ def _mha_out_projs(layers: dict[str, LoRALayer]) -> set[str]:
     return {f"{n}.out_proj" for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)}
 
 
-def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our adapter keys -> PEFT's file keys."""
+def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor],
+                 adapter: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
+    """Our keys of ``adapter``'s tensors -> PEFT's file keys (which never name the adapter:
+    each adapter has its own file)."""
     layers = lora_layers(model)
     mha_out = _mha_out_projs(layers)
+    a_name, b_name, m_name = param_names(adapter)
     out = {}
     for key, value in state_dict.items():
         owner, _, leaf = key.rpartition(".")
@@ -73,10 +76,11 @@ def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, T
             owner = f"{mha}.base_layer.{child}"
         if layer is None:
             new = key
-        elif leaf in ("lora_A", "lora_B"):
+        elif leaf in (a_name, b_name):
+            ab = "A" if leaf == a_name else "B"
             emb = isinstance(layer, LoRAEmbedding)
-            new = f"{owner}.lora_embedding_{leaf[-1]}" if emb else f"{owner}.{leaf}.weight"
-        elif leaf == "lora_magnitude":
+            new = f"{owner}.lora_embedding_{ab}" if emb else f"{owner}.lora_{ab}.weight"
+        elif leaf == m_name:
             new = f"{owner}.lora_magnitude_vector"
         else:
             new = f"{owner}.base_layer.{leaf}"
@@ -92,31 +96,36 @@ _FROM_PEFT = [
 ]
 
 
-def from_peft_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """PEFT's file keys -> our adapter keys."""
+def from_peft_keys(state_dict: dict[str, Tensor], adapter: str = DEFAULT_ADAPTER
+                   ) -> dict[str, Tensor]:
+    """PEFT's file keys -> our keys for ``adapter``'s tensors."""
+    rename = dict(zip(ADAPTER_PARAM_NAMES, param_names(adapter), strict=True))
     out = {}
     for key, value in state_dict.items():
         new = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         for pattern, repl in _FROM_PEFT:
             new = pattern.sub(repl, new)
+        owner, _, leaf = new.rpartition(".")
+        if leaf in rename:
+            new = f"{owner}.{rename[leaf]}" if owner else rename[leaf]
         out[new] = value
     return out
 
 
 # -- config translation ---------------------------------------------------------------
-def to_peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
-    """A PEFT ``LoraConfig`` dict naming exactly the modules that carry adapters (as a
+def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER
+                   ) -> dict[str, Any]:
+    """A PEFT ``LoraConfig`` dict naming exactly the modules that carry ``adapter`` (as a
     full-match regex, so that no other module with the same name suffix is adapted)."""
-    layers = lora_layers(model)
+    layers = {n: m for n, m in lora_layers(model).items() if adapter in m.lora_specs}
     for name in _mha_out_projs(layers):  # PEFT adapts it as part of the attention module
         layers.pop(name, None)
+    specs = {n: m.lora_specs[adapter] for n, m in layers.items()}
     # Exact names only: a list would also match dotted suffixes ("lin" -> "block.lin"), and
     # both PEFT and we match rank/alpha keys against suffixes too, hence the "^" anchor.
     exact = {n: "^" + re.escape(n) for n in layers}
-    rank_pattern = {exact[n]: m.r for n, m in layers.items() if m.r != config.r}
-    alpha_pattern = {
-        exact[n]: m.alpha for n, m in layers.items() if m.alpha != config.alpha
-    }
+    rank_pattern = {exact[n]: s.r for n, s in specs.items() if s.r != config.r}
+    alpha_pattern = {exact[n]: s.alpha for n, s in specs.items() if s.alpha != config.alpha}
     return {
         "peft_type": "LORA",
         "task_type": None,
