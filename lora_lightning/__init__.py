@@ -13,6 +13,7 @@ from .adapters import (
     per_sample_adapters,
     set_adapter,
 )
+from .combine import combine_adapters
 from .config import LoRAConfig
 from .errors import (
     AdapterFileError,
@@ -75,6 +76,7 @@ __all__ = [
     "active_adapters",
     "adapter_state_dict",
     "base_fingerprint",
+    "combine_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",

@@ -16,6 +16,7 @@ from lora_lightning import (
     AdapterNameError,
     LoRAConfig,
     active_adapters,
+    combine_adapters,
     adapter_state_dict,
     delete_adapter,
     inject_lora,
@@ -273,3 +274,99 @@ def test_loading_an_adapter_that_does_not_fit_leaves_the_model_unchanged(tmp_pat
     assert set(model.state_dict()) == set(state)
     load_adapter(model, tmp_path / "ok", adapter="c")
     assert list_adapters(model) == ["a", "b", "c"] and active_adapters(model) == ["b"]
+
+
+# -- combinations ---------------------------------------------------------------------------
+def _plain_pair():
+    model = Net()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["fc1", "fc2", "conv", "emb"]),
+                adapter="a")
+    randomize(model, "a", 1)
+    inject_lora(model, LoRAConfig(r=3, alpha=6, target_modules=["fc1", "conv"]), adapter="b")
+    randomize(model, "b", 2)
+    return model
+
+
+def _updates(model, names):
+    return {n: m._update([a for a in names if a in m.lora_specs]) if any(
+        a in m.lora_specs for a in names) else None for n, m in lora_layers(model).items()}
+
+
+@pytest.mark.parametrize("how", ["cat", "svd"])
+def test_cat_and_full_rank_svd_are_the_weighted_sum_of_the_updates(how):
+    model = _plain_pair()
+    weights = (0.7, -1.5)
+    combine_adapters(model, ["a", "b"], weights, "mix", combination=how, r=5)
+    for name, layer in lora_layers(model).items():
+        want = sum(w * layer._update([a]) for a, w in zip(("a", "b"), weights, strict=True)
+                   if a in layer.lora_specs)
+        torch.testing.assert_close(layer._update(["mix"]), want, rtol=1e-4, atol=1e-5, msg=name)
+    # and the forward agrees with running both with those weights folded in
+    set_adapter(model, "mix")
+    y = model(X)
+    merge_lora(model)
+    torch.testing.assert_close(model(X), y, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_svd_is_the_best_approximation_and_linear_mixes_factors():
+    model = _plain_pair()
+    combine_adapters(model, ["a", "b"], (1.0, 1.0), "low", combination="svd", r=1)
+    layer = model.fc1
+    full = layer._update(["a"]) + layer._update(["b"])
+    s = torch.linalg.svdvals(full)
+    err = torch.linalg.matrix_norm(layer._update(["low"]) - full)
+    torch.testing.assert_close(err, s[1:].norm(), rtol=1e-4, atol=1e-5)  # Eckart-Young
+    with pytest.raises(ValueError, match="equal ranks"):
+        combine_adapters(model, ["a", "b"], (1.0, 1.0), "lin", combination="linear")
+    assert "lin" not in list_adapters(model)
+    combine_adapters(model, ["a"], (4.0,), "lin", combination="linear")
+    torch.testing.assert_close(model.fc2._update(["lin"]), 4.0 * model.fc2._update(["a"]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_combined_adapter_trains_saves_and_loads(tmp_path):
+    model = _plain_pair()
+    config = combine_adapters(model, ["a", "b"], (0.5, 0.5), "mix")
+    inject_lora(model, config, adapter="mix")  # keeps the values; now active and trainable
+    assert active_adapters(model) == ["mix"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{m}.{p}_mix" for m in ("fc1", "fc2", "conv", "emb") for p in ("lora_A", "lora_B")}
+    y = model(X)
+    save_adapter(model, tmp_path / "mix", adapter="mix")
+    fresh = Net()
+    load_adapter(fresh, tmp_path / "mix")
+    torch.testing.assert_close(fresh(X), y, rtol=1e-5, atol=1e-6)
+
+
+# -- PEFT, both ways, with several adapters --------------------------------------------------
+def test_peft_multi_adapter_files_load_here_and_ours_load_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    configs = {"default": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"],
+                                          modules_to_save=["classifier"]),
+               "other": peft.LoraConfig(r=3, lora_alpha=3, target_modules=["fc1"],
+                                        modules_to_save=["classifier"])}
+    pm = peft.get_peft_model(Net(), configs["default"])
+    pm.add_adapter("other", configs["other"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    assert (tmp_path / "peft" / "other" / "adapter_config.json").is_file()
+    ours = Net()
+    assert load_adapters(ours, tmp_path / "peft") == ["default", "other"]
+    with torch.no_grad():
+        for name in ("default", "other"):
+            pm.set_adapter(name)
+            set_adapter(ours, name)
+            torch.testing.assert_close(ours(X), pm(X), rtol=1e-5, atol=1e-6, msg=name)
+    # and back: what we save loads in PEFT under each adapter's name
+    save_adapters(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(Net(), str(tmp_path / "ours"))
+    back.load_adapter(str(tmp_path / "ours" / "other"), adapter_name="other")
+    with torch.no_grad():
+        for name in ("default", "other"):
+            back.set_adapter(name)
+            set_adapter(ours, name)
+            torch.testing.assert_close(back(X), ours(X), rtol=1e-5, atol=1e-6, msg=name)
