@@ -44,6 +44,8 @@ from .ckpt_meta import SAVE_MODES
 from .config import LoRAConfig
 from .errors import TargetMatchError
 from .inject import InjectionReport, inject_lora
+from .layer_base import DEFAULT_ADAPTER
+from .registry import check_name
 from .merge import merged_state_dict
 from .module_hooks import HookState, configure_model_then_inject, load_hook, save_hook, wrap_hook
 from .summary import hparams_for, metrics_for, module_hparams, summary_table
@@ -65,6 +67,10 @@ class LoRACallback(Callback):
         check_optimizer: at train start, fail if a trainable adapter tensor is in no
             optimizer.
         verbose: print the summary table at fit start (global rank zero only).
+        adapter: train a named adapter on a model that may already carry others: they stay
+            frozen and inactive, and checkpoints and exports hold only this adapter (and
+            its own ``modules_to_save``). ``None`` (the default) trains the ``"default"``
+            adapter and saves every trained tensor, as before named adapters existed.
 
     Example::
 
@@ -81,6 +87,7 @@ class LoRACallback(Callback):
         check_optimizer: bool = True,
         verbose: bool = True,
         save: Any = _UNSET,
+        adapter: str | None = None,
     ) -> None:
         argument = "save_mode"
         if save is not _UNSET:
@@ -99,7 +106,8 @@ class LoRACallback(Callback):
                              f"{list(SAVE_MODES)}.")
         self.config = config
         self.save_mode = save_mode
-        self.hook_state = HookState(config, save_mode)
+        self.adapter = None if adapter is None else check_name(adapter)
+        self.hook_state = HookState(config, save_mode, adapter=self.adapter)
         self.export_adapter_dir = export_adapter_dir
         self.export_merged_path = export_merged_path
         self.check_optimizer = check_optimizer
@@ -126,7 +134,7 @@ class LoRACallback(Callback):
     def inject(self, pl_module: LightningModule, where: str = "setup") -> InjectionReport:
         """Inject into ``pl_module`` now (idempotent) and install the checkpoint hooks."""
         try:
-            report = inject_lora(pl_module, self.config)
+            report = inject_lora(pl_module, self.config, self.adapter or DEFAULT_ADAPTER)
         except TargetMatchError as err:
             raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
                 f"{err.allowed}. LoRACallback: the LightningModule {type(pl_module).__name__} "
@@ -173,7 +181,7 @@ class LoRACallback(Callback):
         if trainer.global_rank != 0:
             return
         if self.export_adapter_dir:
-            path = save_adapter(pl_module, self.export_adapter_dir, self.config)
+            path = save_adapter(pl_module, self.export_adapter_dir, self.config, self.adapter)
             rank_zero_info(f"LoRA: adapter saved to {path} (PEFT format)")
         if self.export_merged_path:
             path = Path(self.export_merged_path)
@@ -186,7 +194,8 @@ class LoRACallback(Callback):
     # -- checkpoint state --------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "save_mode": self.save_mode}
+        return {"config": self.config.to_dict(), "save_mode": self.save_mode,
+                "adapter": self.adapter}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

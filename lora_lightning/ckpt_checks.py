@@ -8,14 +8,16 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from .adapter_state import preview
-from .ckpt_meta import META_VERSION
+from .adapters import list_adapters
+from .ckpt_meta import META_VERSION, adapter_layers
 from .errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
 from .fingerprint import base_fingerprint
-from .registry import find_config, lora_layers, lora_param_keys
+from .registry import find_config, lora_param_keys
 
 
 def check_adapter_keys_present(
-    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint"
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint",
+    adapter: str | None = None,
 ) -> None:
     """Refuse a LoRA checkpoint whose state dict lacks adapter tensors.
 
@@ -23,7 +25,7 @@ def check_adapter_keys_present(
     a checkpoint saved with LoRA must hold them all, or the adapters would silently keep
     their fresh initialisation. Raises :class:`AdapterLoadError` naming the missing keys.
     """
-    missing = sorted(k for k in lora_param_keys(model) if k not in state_dict)
+    missing = sorted(k for k in lora_param_keys(model, adapter) if k not in state_dict)
     if missing:
         raise AdapterLoadError(
             f"{source}: the LoRA checkpoint lacks adapter keys {preview(missing)}; a "
@@ -77,7 +79,12 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
         raise CheckpointMismatchError(
             f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
         )
-    layers = lora_layers(model)
+    adapter = meta.get("adapter")
+    if adapter is not None and adapter not in list_adapters(model):
+        raise CheckpointMismatchError(
+            f"{source}: the checkpoint holds adapter {adapter!r}, which this model does not "
+            f"have (it has {list_adapters(model)}); inject it with that name first.")
+    layers = adapter_layers(model, adapter)
     problems = []
     saved = set(meta.get("injected", []))
     here = set(layers)
@@ -88,12 +95,12 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
             f"{preview(sorted(here - saved), 5)}"
         )
     ranks = meta.get("ranks", {})
-    diff = [f"{n}: checkpoint r={ranks[n]}, model r={layers[n].r}"
-            for n in sorted(saved & here) if ranks.get(n) != layers[n].r]
+    diff = [f"{n}: checkpoint r={ranks[n]}, model r={layers[n]}"
+            for n in sorted(saved & here) if ranks.get(n) != layers[n]]
     if diff:
         problems.append(f"different rank for {len(diff)} module(s) ({'; '.join(diff[:5])})")
     saved_cfg = meta.get("config", {})
-    cfg = find_config(model)
+    cfg = find_config(model, adapter)
     for key in ("alpha", "use_dora", "use_rslora", "bias", "modules_to_save"):
         if cfg is not None and key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
             problems.append(f"different {key}: checkpoint {saved_cfg[key]!r}, model "
@@ -101,7 +108,7 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
     if meta.get("mode") == "adapter" and not problems:
         # Only when the rest agrees: another target set or bias mode changes which tensors
         # count as base weights, and so the fingerprint, even on the same base model.
-        fp_saved, fp_here = meta.get("fingerprint", {}), base_fingerprint(model)
+        fp_saved, fp_here = meta.get("fingerprint", {}), base_fingerprint(model, adapter)
         if fp_saved != fp_here:
             problems.append(
                 "different base model: the checkpoint holds adapters only, trained on base "

@@ -10,14 +10,14 @@ from torch import nn
 from .adapter_state import adapter_keys
 
 
-def base_fingerprint(model: nn.Module) -> dict[str, object]:
+def base_fingerprint(model: nn.Module, adapter: str | None = None) -> dict[str, object]:
     """Shapes plus a cheap content hash of the frozen base parameters (not buffers,
     which training may change).
 
     Reads at most 4,096 evenly spaced values per tensor, so it costs milliseconds even
     for large models. Take it while the adapters are not merged.
     """
-    excluded = set(adapter_keys(model))
+    excluded = set(adapter_keys(model, adapter))  # other adapters count as base here
     digest = hashlib.sha256()
     n = 0
     for key, value in model.named_parameters():

@@ -17,6 +17,7 @@ from .ckpt_meta import META_KEY
 from .config import LoRAConfig
 from .errors import CheckpointReadError, TargetMatchError
 from .inject import inject_lora
+from .layer_base import DEFAULT_ADAPTER
 from .merge import merge_lora
 from .restore import prepare_lora_state
 from .safe_load import read_checkpoint
@@ -27,7 +28,7 @@ M = TypeVar("M", bound=LightningModule)
 
 
 def load_lora_checkpoint(
-    module_cls: type[M],
+    module_cls: type[M] | M,
     checkpoint_path: str | os.PathLike,
     *,
     config: LoRAConfig | None = None,
@@ -48,7 +49,9 @@ def load_lora_checkpoint(
     against the fingerprint stored at training time.
 
     Args:
-        module_cls: the LightningModule class.
+        module_cls: the LightningModule class, or a module instance to load into (for
+            example one that already carries another adapter: a checkpoint of a named
+            adapter is added beside it, the others are left as they are).
         checkpoint_path: the LoRA checkpoint.
         config: needed only for checkpoints without LoRA metadata.
         base_checkpoint: where to take base weights from, if not from the constructor.
@@ -73,17 +76,21 @@ def load_lora_checkpoint(
                 "config=LoRAConfig(...) with the settings it was trained with."
             )
         config = LoRAConfig.from_dict(meta["config"])
-    hparams = dict(ckpt.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
-    model = module_cls(**{**hparams, **init_kwargs})
-    if call_setup:
-        model.setup("predict")
-    if is_overridden("configure_model", model):
-        model.configure_model()
+    adapter = (meta or {}).get("adapter")
+    if isinstance(module_cls, LightningModule):
+        model, module_cls = module_cls, type(module_cls)
+    else:
+        hparams = dict(ckpt.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+        model = module_cls(**{**hparams, **init_kwargs})
+        if call_setup:
+            model.setup("predict")
+        if is_overridden("configure_model", model):
+            model.configure_model()
     if base_checkpoint is not None:
         base = read_checkpoint(base_checkpoint, map_location, trusted=trusted)
         model.load_state_dict(base.get("state_dict", base), strict=strict)
     try:
-        inject_lora(model, config)
+        inject_lora(model, config, adapter or DEFAULT_ADAPTER)
     except TargetMatchError as err:
         if call_setup or not is_overridden("setup", model):
             raise

@@ -29,6 +29,8 @@ class HookState:
 
     config: LoRAConfig
     save_mode: str
+    adapter: str | None = None
+    """The named adapter the callback trains (``None``: the model's adapters, as before)."""
     reconciled_keys: int = 0
     """Adapter keys a base checkpoint lacked (they keep their fresh initialisation)."""
     dropped_optimizer_state: bool = False
@@ -69,9 +71,10 @@ def wrap_hook(pl_module: LightningModule, name: str, func: Callable[..., None],
 
 
 def save_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-    meta = checkpoint_meta(pl_module, state.config, state.save_mode)
+    meta = checkpoint_meta(pl_module, state.config, state.save_mode, state.adapter)
     if state.save_mode == "adapter":
-        meta["dropped_keys"] = strip_to_adapter(pl_module, checkpoint["state_dict"])
+        meta["dropped_keys"] = strip_to_adapter(pl_module, checkpoint["state_dict"],
+                                                state.adapter)
     checkpoint[META_KEY] = meta
 
 

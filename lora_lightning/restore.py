@@ -26,10 +26,11 @@ from .registry import lora_param_keys
 def prepare_lora_state(model: nn.Module, meta: Mapping, state_dict: dict[str, Tensor], *,
                        source: str, strict: bool = True, check_fit: bool = True) -> None:
     """Make a LoRA checkpoint's ``state_dict`` ready for a strict load into ``model``."""
+    adapter = meta.get("adapter")
     check_meta(model, meta, source=source)
-    check_adapter_keys_present(model, state_dict, source=source)
+    check_adapter_keys_present(model, state_dict, source=source, adapter=adapter)
     if meta.get("mode") == "adapter":
-        fill_base_keys(model, state_dict)
+        fill_base_keys(model, state_dict, adapter)
     if check_fit:
         check_state_dict_fits(model, state_dict, strict=strict, source=source)
 
