@@ -45,6 +45,10 @@ __all__ = ["ADAPTER_PARAM_NAMES", "LoRALayer", "LoRALinear", "LoRAConv1d", "LoRA
            "LoRAEmbedding", "lora_type_for", "hf_conv1d_type"]
 
 
+_FOLD_ROWS = 64
+"""Rows from which an unmerged forward without autograd folds the update into the weight."""
+
+
 class _MatmulLoRA(LoRALayer):
     """Fused forward for layers whose base op is a matmul (Linear, HF Conv1D).
 
@@ -59,7 +63,29 @@ class _MatmulLoRA(LoRALayer):
     def _base_2d(self, x2: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _mixed_folded(self, x: Tensor) -> Tensor:
+        """A mixed batch without autograd: each group of samples goes through its own
+        folded weight W + scale·B·A, the others through W; one matmul per group."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        out = None
+        for name, idx in self.lora_groups:
+            y = F.linear(x.index_select(0, idx), self._combined([name]).to(x.dtype), bias)
+            out = x.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out.index_copy_(0, idx, y)
+            covered[idx] = True
+        rest = (~covered).nonzero().squeeze(1)
+        if rest.numel():
+            y = self._lora_base_class.forward(self, x.index_select(0, rest))
+            out = x.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out.index_copy_(0, rest, y)
+        return out
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if (self.lora_groups and not torch.is_grad_enabled() and not x.is_nested
+                and not self.merged_adapters and not self.lora_disabled
+                and not any(self.lora_specs[n].use_dora for n, _ in self.lora_groups)):
+            return self._mixed_folded(x)
         names = self._pending()
         if (len(names) != 1 or self.lora_groups is not None or x.is_nested
                 or self.lora_specs[names[0]].use_dora):
@@ -67,6 +93,13 @@ class _MatmulLoRA(LoRALayer):
         spec = self.lora_specs[names[0]]
         lora_a, lora_b = self._ab(names[0])
         x2 = x.reshape(-1, x.shape[-1])
+        if not torch.is_grad_enabled() and x2.shape[0] >= _FOLD_ROWS and not (
+                spec.dropout > 0.0 and self.training):
+            # Without autograd, W + scale·B·A costs d·k·r multiply-adds once, while the
+            # adapter path costs N·(d+k)·r and two more passes over x and the output.
+            weight = self._combined(names).to(x2.dtype)
+            out = F.linear(x2, weight, None if self.bias is None else self.bias.to(x2.dtype))
+            return out.view(*x.shape[:-1], out.shape[-1])
         out = self._base_2d(x2)
         xd = x2
         if spec.dropout > 0.0 and self.training:
