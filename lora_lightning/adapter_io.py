@@ -26,6 +26,7 @@ from .layer_base import DEFAULT_ADAPTER, LoRALayer
 from .merge import unload_lora
 from .peft_format import CONFIG_NAME, from_peft_config, from_peft_keys, to_peft_config, to_peft_keys
 from .registry import (
+    AdapterNameError,
     check_name,
     current_adapter,
     find_config,
@@ -162,13 +163,14 @@ def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
                  base_weights: str = "check", *, trusted: bool = False,
-                 adapter: str | None = None) -> nn.Module:
+                 adapter: str | None = None, replace: bool = False) -> nn.Module:
     """Load a PEFT-format adapter into ``model``, injecting LoRA first if needed.
 
     Without ``adapter``, a model that already carries adapters must match the file's
     layout (its values are replaced). With ``adapter="name"``, the file becomes that
     adapter: a new one is added beside the others (they stay as they are and stay active;
-    switch with ``set_adapter``), an existing one has its values replaced. The base weights
+    switch with ``set_adapter``); a name the model already holds is refused unless
+    ``replace=True``, which loads the file's values into it. The base weights
     are never touched. Nothing is written to the model unless the whole adapter fits. Base weights that PEFT saves beside
     the adapter (embedding layers) are checked against the model's (``base_weights="check"``,
     a difference is refused) or copied into it (``"apply"``).
@@ -180,8 +182,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     config, state = read_adapter(directory, trusted=trusted, adapter=name)
     source = str(Path(directory) / WEIGHTS_NAME)
     reg = find_registry(model)
-    into_existing = (adapter is None and any(isinstance(m, LoRALayer) for m in model.modules())
-                     ) or (reg is not None and name in reg.configs)
+    exists = adapter is not None and reg is not None and name in reg.configs
+    if exists and not replace:
+        raise AdapterNameError(name, list(reg.configs), (
+            f"the model already holds adapter {name!r}; pass replace=True to load "
+            f"{directory} into it, or choose another name"))
+    into_existing = exists or (
+        adapter is None and any(isinstance(m, LoRALayer) for m in model.modules()))
     if into_existing:
         base = _base_weights(model, state, base_weights, source, adapter)
         load_adapter_state_dict(model, state, adapter)

@@ -372,3 +372,16 @@ def test_peft_multi_adapter_files_load_here_and_ours_load_in_peft(tmp_path):
             back.set_adapter(name)
             set_adapter(ours, name)
             torch.testing.assert_close(back(X), ours(X), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loading_into_a_name_that_exists_needs_replace(tmp_path):
+    model = two_adapters()
+    save_adapter(model, tmp_path / "a", adapter="a")
+    set_adapter(model, "a")
+    y = model(X)
+    with pytest.raises(AdapterNameError, match=r"already holds adapter 'a'; pass replace=True"):
+        load_adapter(model, tmp_path / "a", adapter="a")
+    with torch.no_grad():
+        model.fc1.lora_B_a.zero_()
+    load_adapter(model, tmp_path / "a", adapter="a", replace=True)
+    torch.testing.assert_close(model(X), y, rtol=0, atol=0)
