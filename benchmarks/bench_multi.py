@@ -170,11 +170,11 @@ def bench_mixed(base, rounds, batch, tokens):
         theirs = peft_with(base, n, ours)
         names = [f"a{i % n}" for i in range(batch)]
 
-        def run_ours():
+        def run_ours(ours=ours, names=names):
             with torch.inference_mode(), per_sample_adapters(ours, names):
                 return ours(input_ids=ids, attention_mask=mask).last_hidden_state
 
-        def run_peft():
+        def run_peft(theirs=theirs, names=names):
             with torch.inference_mode():
                 return theirs(input_ids=ids, attention_mask=mask,
                               adapter_names=names).last_hidden_state

@@ -45,9 +45,9 @@ from .config import LoRAConfig
 from .errors import TargetMatchError
 from .inject import InjectionReport, inject_lora
 from .layer_base import DEFAULT_ADAPTER
-from .registry import check_name
 from .merge import merged_state_dict
 from .module_hooks import HookState, configure_model_then_inject, load_hook, save_hook, wrap_hook
+from .registry import check_name
 from .summary import hparams_for, metrics_for, module_hparams, summary_table
 
 _UNSET: Any = object()

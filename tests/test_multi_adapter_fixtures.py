@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _fixture_module import FixtureModule
+
 from lora_lightning import (
     LoRAConfig,
     inject_lora,
