@@ -9,6 +9,7 @@ transformers and scikit-learn are imported only when a model or dataset is built
 """
 
 from lora_lightning.examples.module import ClassifierModule, peak_memory_mb
+from lora_lightning.examples.splits import SplitDataModule
 from lora_lightning.examples.text import (
     MiniLMClassifier,
     RottenTomatoesDataModule,
@@ -28,6 +29,7 @@ __all__ = [
     "MiniLMClassifier",
     "RottenTomatoesDataModule",
     "Snippet",
+    "SplitDataModule",
     "load_digits_tensors",
     "load_minilm_tokenizer",
     "load_rotten_tomatoes",

@@ -8,11 +8,16 @@ The optimizer is built over the parameters with ``requires_grad=True`` only. Lig
 calls ``configure_optimizers`` after the callbacks' ``setup``, so a LoRA callback that
 freezes the base model and injects adapters there is respected.
 
-Logged metrics: ``train/loss`` (each step), ``val/loss``, ``val/acc``, ``test/loss``,
-``test/acc``, and once per training epoch ``perf/samples_per_sec`` (training samples
+Logged metrics: ``train/loss`` (each step), ``val/loss``, ``val/acc``,
+``val/balanced_acc``, ``test/loss``, ``test/acc``, ``test/balanced_acc``, and once per training epoch ``perf/samples_per_sec`` (training samples
 over the wall time from the epoch's start to its last training batch, less any
 validation run inside the epoch) and ``perf/peak_mem_mb`` (peak CUDA memory allocated
 since ``fit`` started on a GPU; otherwise the process's peak resident set size).
+
+``acc`` is plain (micro) accuracy: correct predictions over all samples, the figure to
+read against the majority-class rate. ``balanced_acc`` is the mean of the per-class
+recalls (torchmetrics' ``average="macro"``, its default for multiclass accuracy), which
+a model that always predicts the majority class scores ``1 / num_classes`` on.
 """
 
 from __future__ import annotations
@@ -82,8 +87,11 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.hparams["num_classes"] = num_classes
         self.net = net
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # torchmetrics averages multiclass accuracy per class by default; `acc` is plain.
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")
+        self.test_balanced_acc = MulticlassAccuracy(num_classes, average="macro")
         self._epoch_start = 0.0
         self._last_batch_end = 0.0
         self._val_seconds = 0.0
@@ -128,9 +136,12 @@ class ClassifierModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         loss, logits, labels = self._loss_and_logits(batch)
         accuracy = self.val_acc if stage == "val" else self.test_acc
+        balanced = self.val_balanced_acc if stage == "val" else self.test_balanced_acc
         accuracy(logits, labels)
+        balanced(logits, labels)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=labels.size(0))
         self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=labels.size(0))
+        self.log(f"{stage}/balanced_acc", balanced, batch_size=labels.size(0))
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

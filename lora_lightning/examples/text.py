@@ -294,10 +294,12 @@ class RottenTomatoesDataModule(SplitDataModule):
 
     ``setup`` loads, splits and tokenizes once (later calls do nothing). Batches are
     dicts of ``input_ids`` and ``attention_mask`` (padded to the longest snippet in the
-    batch, at most ``max_length`` tokens) and ``labels``.
+    batch, at most ``max_length`` tokens) and ``labels``. ``seed`` fixes the split only;
+    the training shuffle follows the run's global seed (see :class:`SplitDataModule`).
     """
 
     num_classes = 2
+    label_names = ("rotten", "fresh")
 
     def __init__(
         self,
@@ -311,13 +313,8 @@ class RottenTomatoesDataModule(SplitDataModule):
         data_path: str | Path | None = None,
         model_path: str | Path | None = None,
     ) -> None:
-        super().__init__()
-        for name, value, low in (
-            ("max_length", max_length, 2),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            check_int(name, value, low)
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        check_int("max_length", max_length, 2)
         for name, value in (
             ("train_size", train_size),
             ("val_size", val_size),
