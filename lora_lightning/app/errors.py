@@ -13,6 +13,7 @@ stack trace." and exits with status 1, in single runs and in sweeps alike. With
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from hydra.errors import CompactHydraException, InstantiationException
 
@@ -73,7 +74,45 @@ def _where(err: BaseException, key: str, target: str | None) -> tuple[str, str |
     return key, target
 
 
-def explain(err: BaseException, key: str, target: str | None = None) -> AppError | None:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def check_ckpt_path(ckpt_path: object) -> None:
+    """Refuse a ``ckpt_path`` that is plainly not a checkpoint, before any training starts.
+
+    Lightning's own names (``"last"``, ``"best"``, ...) and missing files are left to
+    Lightning. A file that does not even start like a zip archive (a text file, say) is
+    named as what it is, not as a damaged checkpoint.
+    """
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return
+    path = Path(str(ckpt_path))
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if head.startswith(ZIP_MAGIC) or not head:
+        return
+    looks = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary data"
+    raise AppError(
+        f"ckpt_path={str(ckpt_path)!r} is not a checkpoint: it is a "
+        f"{path.stat().st_size:,}-byte file of {looks} (it starts with {head[:24]!r}), while "
+        "Lightning writes checkpoints as zip archives. Pass a .ckpt file a run wrote (e.g. "
+        "<output_dir>/checkpoints/best.ckpt), or ckpt_path=null to start afresh."
+    )
+
+
+def _checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """The core's exception types for a checkpoint that cannot be used (bad input)."""
+    from lora_lightning.adapter_io import AdapterFileError
+    from lora_lightning.checkpoint import AdapterLoadError, CheckpointMismatchError
+    from lora_lightning.loading import CheckpointReadError
+
+    return CheckpointReadError, CheckpointMismatchError, AdapterLoadError, AdapterFileError
+
+
+def explain(err: BaseException, key: str, target: str | None = None,
+            ckpt_path: object = None) -> AppError | None:
     """An :class:`AppError` for ``err``, raised while building or running ``key``.
 
     Args:
@@ -81,8 +120,16 @@ def explain(err: BaseException, key: str, target: str | None = None) -> AppError
         key: the config key being built (``"model"``, ``"lora.callback"``, ...) or the
             stage (``"fit"``).
         target: the component's ``_target_``, named in the message when known.
+        ckpt_path: the checkpoint being resumed, named in checkpoint errors.
     """
     cause = root_cause(err)
+    if isinstance(cause, _checkpoint_errors()):
+        first = str(cause).strip()
+        where = f"ckpt_path={str(ckpt_path)!r}" if ckpt_path else "the checkpoint"
+        return AppError(
+            f"{where} cannot be used: {first} Start afresh with ckpt_path=null, or resume "
+            "with the same lora.* settings and model the checkpoint was made with."
+        )
     key, target = _where(err, key, target)
     what = f"{key} ({target})" if target else key
     if key == "fit":
