@@ -126,10 +126,7 @@ def explain(err: BaseException, key: str, target: str | None = None,
     if isinstance(cause, _checkpoint_errors()):
         first = str(cause).strip()
         where = f"ckpt_path={str(ckpt_path)!r}" if ckpt_path else "the checkpoint"
-        return AppError(
-            f"{where} cannot be used: {first} Start afresh with ckpt_path=null, or resume "
-            "with the same lora.* settings and model the checkpoint was made with."
-        )
+        return AppError(f"{where} cannot be used: {first} To start afresh: ckpt_path=null.")
     key, target = _where(err, key, target)
     what = f"{key} ({target})" if target else key
     if key == "fit":

@@ -88,6 +88,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts in-place ``addmm_`` (as ``addmm``).
+
+    torch's counter knows ``addmm`` but not its in-place form, which the LoRA layers use
+    to add the ``B`` product into the base output; uncounted, the LoRA path would look
+    half as dear as it is.
+    """
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flop})
+
+
+def _addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of ``self + a @ b`` from the shapes (FlopCounterMode passes shapes)."""
+    m, k = a_shape
+    return 2 * m * k * b_shape[1]
+
+
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, set[int]]:
     """Bytes of the distinct storages behind ``tensors``, and their data pointers."""
     seen: dict[int, int] = {}
@@ -119,7 +135,7 @@ class StepCosts:
 
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         self._saved_hooks.__enter__()
-        self._flops = FlopCounterMode(display=False)
+        self._flops = flop_counter()
         self._flops.__enter__()
 
     def stop(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
