@@ -77,18 +77,35 @@ def hparam_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _plain(value: Any) -> bool | int | float | str:
+    """An hparam value TensorBoard can show (numbers, strings, booleans; the rest as text)."""
+    return value if isinstance(value, bool | int | float | str) else str(value)
+
+
 def log_run(loggers: list[Any], hparams: dict[str, Any], result: dict[str, Any],
             last_step: int) -> None:
-    """Write one run's HParams record with its real metrics to every TensorBoard logger."""
+    """Write one run's HParams session (hparams + real metrics) to every TensorBoard logger.
+
+    Only the session records are written, not an experiment record: with none, TensorBoard
+    builds the experiment from every run's session, so it marks the hparams that differ
+    between runs (``lr``, ``lora/r``, ``lora/targets`` ...) and shows those first, instead
+    of the first run's list with nothing marked as differing.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
     metrics = hparam_metrics(result)
     if not metrics:
         return
+    params = {str(k): _plain(v) for k, v in hparams.items()}
+    _, start, end = hparams_summaries(params, metrics)
     for logger in loggers:
         if not isinstance(logger, TensorBoardLogger):
             continue
-        logger.log_hyperparams(hparams, metrics=metrics, step=0)  # writes the step-0 point
+        writer = logger.experiment._get_file_writer()
+        writer.add_summary(start, 0)
+        writer.add_summary(end, last_step)
+        logger.log_metrics(metrics, step=0)  # two points: a line TensorBoard always draws
         if last_step > 0:
             logger.log_metrics(metrics, step=last_step)
         logger.experiment.flush()
