@@ -81,6 +81,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         Path(checkpoint.dirpath).resolve() if checkpoint and checkpoint.dirpath else "(none)",
     )
     check_ckpt_path(cfg.get("ckpt_path"))
+    lr_found = _lr_find(cfg, trainer, model, datamodule, output_dir)
+    if lr_found is not None:
+        recorder.hparams["lr"] = lr_found  # the HParams tab shows the rate that trained
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except Exception as err:
@@ -104,7 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "rank": int(lora.config.r) if lora.get("config") else None,
         "targets": _targets(lora),
         "seed": int(cfg.seed),
-        "lr": _lr(cfg),
+        "lr": lr_found if lr_found is not None else _lr(cfg),
+        "lr_found": lr_found,
         **recorder.results,
         "metric": "acc (plain accuracy: correct / all test samples)",
         "test_acc": test_acc,
@@ -231,6 +235,40 @@ def _name_run_after_its_folder(cfg: DictConfig) -> None:
     folder = Path(output_dir).name
     with open_dict(cfg):
         cfg.run_id = folder
+
+
+def _lr_find(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any,
+             output_dir: Path) -> float | None:
+    """With ``lr_find.enabled``: run Lightning's LR range test, set the model's ``lr``.
+
+    ``Tuner.lr_find`` trains ``num_training`` steps with the learning rate rising from
+    ``min_lr`` to ``max_lr``, restores the model's weights, and suggests the rate where the
+    loss falls fastest; it is written into the module's ``lr`` (``hparams.lr``) before fit
+    and recorded in ``result.json`` as ``lr_found``, with the curve in ``lr_find.png``.
+    """
+    options = cfg.get("lr_find")
+    if not options or not options.get("enabled"):
+        return None
+    from lightning.pytorch.tuner import Tuner
+
+    finder = Tuner(trainer).lr_find(
+        model, datamodule=datamodule, min_lr=float(options.min_lr),
+        max_lr=float(options.max_lr), num_training=int(options.num_training),
+    )
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        log.warning("run %s: lr_find found no suggestion; keeping lr=%s", cfg.run_id, _lr(cfg))
+        return None
+    if trainer.global_rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        figure = finder.plot(suggest=True)
+        figure.savefig(output_dir / "lr_find.png", dpi=100)
+        log.info("run %s: lr_find suggests lr=%.3g (curve in %s)", cfg.run_id, suggestion,
+                 output_dir / "lr_find.png")
+    return float(suggestion)
 
 
 def _in_sweep() -> bool:

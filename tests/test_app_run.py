@@ -155,3 +155,18 @@ def test_own_module_through_a_config_dir(tmp_path):
     (result,) = results_under(tmp_path / "outputs")
     assert result["kind"] == "head_only" and result["lr"] == pytest.approx(3e-3)
     assert result["trainable_params"] == 8 * 2 + 2
+
+
+def test_lr_find_sets_the_rate_that_trains(tmp_path):
+    run_app(tmp_path, "experiment=digits", *FAST, "lr_find.enabled=true",
+            "lr_find.num_training=20")
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["lr_found"] is not None and result["lr"] == result["lr_found"]
+    assert 1e-6 <= result["lr_found"] <= 1e-1 and result["lr_found"] != 1e-2
+    import torch
+
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)  # a file this test made
+    assert checkpoint["hyper_parameters"]["lr"] == pytest.approx(result["lr_found"])
+    assert (Path(result["output_dir"]) / "lr_find.png").is_file()
+    _, hparams = tensorboard_tags(Path(result["log_dir"]) / "lora_conv")
+    assert hparams["lr"] == pytest.approx(result["lr_found"])
