@@ -87,6 +87,9 @@ def test_runs_and_scalars_are_served_without_a_placeholder(tensorboard, finished
         points = _get(tensorboard, f"/data/plugin/scalars/scalars?run={run}"
                                    "&tag=perf/peak_tensor_mb")
         assert len(points) == 2 and points[0][2] == points[1][2] > 0
+        for tag in ("lora/trainable_ratio", "perf/samples_per_sec"):
+            points = _get(tensorboard, f"/data/plugin/scalars/scalars?run={run}&tag={tag}")
+            assert len(points) >= 2, (run, tag, points)
     result = json.loads(next(finished_sweep.parent.rglob("0_lora_conv/result.json")).read_text())
     served = _get(tensorboard, "/data/plugin/scalars/scalars?run=0_lora_conv&tag=hparams/test_acc")
     assert served[-1][2] == pytest.approx(result["test_acc"], abs=1e-6)

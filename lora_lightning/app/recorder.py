@@ -303,6 +303,13 @@ class RunRecorder(Callback):
             "perf/fit_seconds": self.results["fit_seconds"],
             "perf/run_peak_rss_mb": self.results["peak_rss_mb"],
         }
+        if "trainable_params" in self.results:  # again at the last step: a line, not a dot
+            for logger in trainer.loggers:
+                logger.log_metrics({
+                    "lora/trainable_params": float(self.results["trainable_params"]),
+                    "lora/total_params": float(self.results["total_params"]),
+                    "lora/trainable_ratio": float(self.results["trainable_ratio"]),
+                }, step=trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)  # a line from the first to the last step,
             logger.log_metrics(metrics, step=trainer.global_step)  # not a lone dot

@@ -9,10 +9,12 @@ calls ``configure_optimizers`` after the callbacks' ``setup``, so a LoRA callbac
 freezes the base model and injects adapters there is respected.
 
 Logged metrics: ``train/loss`` (each step), ``val/loss``, ``val/acc``,
-``val/balanced_acc``, ``test/loss``, ``test/acc``, ``test/balanced_acc``, and once per training epoch ``perf/samples_per_sec`` (training samples
-over the wall time from the epoch's start to its last training batch, less any
-validation run inside the epoch) and ``perf/peak_mem_mb`` (peak CUDA memory allocated
-since ``fit`` started on a GPU; otherwise the process's peak resident set size).
+``val/balanced_acc``, ``test/loss``, ``test/acc``, ``test/balanced_acc``,
+``perf/samples_per_sec`` (training samples so far in the epoch over the wall time from
+the epoch's start to the last training batch, less any validation run inside the epoch;
+logged every ``log_every_n_steps``), and once per training epoch ``perf/peak_mem_mb``
+(peak CUDA memory allocated since ``fit`` started on a GPU; otherwise the process's peak
+resident set size).
 
 ``acc`` is plain (micro) accuracy: correct predictions over all samples, the figure to
 read against the majority-class rate. ``balanced_acc`` is the mean of the per-class
@@ -202,6 +204,12 @@ class ClassifierModule(L.LightningModule):
         self._val_seconds += self._pending_val_seconds
         self._pending_val_seconds = 0.0
         self._last_batch_end = time.perf_counter()
+        # Throughput so far this epoch, logged every log_every_n_steps (a curve, not a lone
+        # end-of-epoch point); its last value covers the whole epoch.
+        seconds = self._last_batch_end - self._epoch_start - self._val_seconds
+        if self._epoch_samples and seconds > 0:
+            self.log("perf/samples_per_sec", self._epoch_samples / seconds, on_step=True,
+                     on_epoch=False)
 
     @override
     def on_validation_epoch_start(self) -> None:
@@ -213,9 +221,4 @@ class ClassifierModule(L.LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
-        # Validation after the last batch stays pending and so is not subtracted: it falls
-        # outside [epoch start, last batch end] anyway.
-        seconds = self._last_batch_end - self._epoch_start - self._val_seconds
-        if self._epoch_samples and seconds > 0:
-            self.log("perf/samples_per_sec", self._epoch_samples / seconds)
         self.log("perf/peak_mem_mb", peak_memory_mb(self.device))
