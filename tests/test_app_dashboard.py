@@ -106,15 +106,25 @@ def test_custom_scalars_layout_puts_full_and_lora_side_by_side(tensorboard):
 
 def test_hparams_tab_has_real_metrics_and_shows_what_differs(tensorboard):
     experiment = _get(tensorboard, "/data/plugin/hparams/experiment", {"experimentName": ""})
-    hparams = {h["name"]: h for h in experiment["hparamInfos"]}
-    for name in ("lr", "lora/r", "lora/targets", "kind"):
-        assert name in hparams
-    assert hparams["lora/r"]["differs"] and hparams["lora/targets"]["differs"]
+    names = [h["name"] for h in experiment["hparamInfos"]]
+    # What tells the runs apart comes first (TensorBoard ticks only the first few).
+    assert names == ["kind", "lora/r", "lora/targets", "lr", "run_seed"], names
+    # digits_cnn trains every kind at lr 1e-2, and both runs have seed 0.
+    assert [h["differs"] for h in experiment["hparamInfos"]] == [True, True, True, False, False]
     metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
     assert {"hparams/test_acc", "hparams/best_val_acc", "hparams/trainable_ratio",
             "hparams/samples_per_sec", "hparams/peak_tensor_mb",
             "hparams/checkpoint_mb"} <= metrics
-    assert "hp_metric" not in metrics
+    assert "hp_metric" not in metrics and "epoch" not in metrics
+    # Every run is a session with values for those columns and metrics.
+    groups = _get(tensorboard, "/data/plugin/hparams/session_groups", {
+        "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+        "colParams": [{"hparam": "lora/r"}, {"metric": {"tag": "hparams/test_acc"}}],
+        "startIndex": 0, "sliceSize": 100,
+    })
+    ranks = sorted(g["hparams"]["lora/r"] for g in groups["sessionGroups"])
+    assert ranks == [0, 8]
+    assert all(g["metricValues"][0]["value"] > 0.5 for g in groups["sessionGroups"])
 
 
 def test_sweep_plot_is_an_image_in_tensorboard(tensorboard):

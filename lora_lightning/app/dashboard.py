@@ -11,7 +11,8 @@ Three things go into the log dir that every run of one command shares:
   ``lora/targets``; each metric is logged at the first and the last step, so it draws
   as a line, not a lone point;
 - after a sweep, the report's plot as an **image** (run ``sweep_report``, tag
-  ``sweep/test_acc_vs_trainable_params``).
+  ``sweep/test_acc_vs_trainable_params``), and the HParams columns: the hparams that
+  tell the runs apart and the metrics above (:func:`write_experiment`).
 
 Read back what TensorBoard serves with ``tests/test_app_dashboard.py``, which starts
 TensorBoard on a finished run and asks its HTTP data API for these tags.
@@ -109,6 +110,54 @@ def log_run(loggers: list[Any], hparams: dict[str, Any], result: dict[str, Any],
         if last_step > 0:
             logger.log_metrics(metrics, step=last_step)
         logger.experiment.flush()
+
+
+# The HParams tab's columns after a sweep: result.json key -> session hparam name.
+SWEEP_HPARAMS: dict[str, str] = {
+    "kind": "kind", "lr": "lr", "rank": "lora/r", "targets": "lora/targets", "seed": "run_seed",
+}
+METRIC_NAMES: dict[str, str] = {
+    "hparams/test_acc": "test acc (plain)",
+    "hparams/best_val_acc": "best val acc (plain)",
+    "hparams/trainable_ratio": "trainable ratio",
+    "hparams/samples_per_sec": "training samples/s",
+    "hparams/peak_tensor_mb": "peak tensor MB",
+    "hparams/train_gflops_per_step": "GFLOPs/step",
+    "hparams/checkpoint_mb": "checkpoint MB",
+}
+
+
+def write_experiment(log_dir: str | Path, results: list[dict[str, Any]]) -> None:
+    """After a sweep: the HParams tab's columns, ``lr``, ``lora/r``, ``lora/targets`` ...
+
+    Without this record TensorBoard lists every hparam and every scalar tag and ticks
+    only the first few, alphabetically, so ``lr`` and ``lora/targets`` start hidden and
+    ``epoch`` comes first among the metrics. This one (run ``.``, the log dir itself)
+    names the few hparams that tell the runs apart and the :data:`METRIC_NAMES`.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    infos = []
+    for key, name in SWEEP_HPARAMS.items():
+        values = {str(r.get(key)) for r in results}
+        numeric = key in ("lr", "rank", "seed")
+        infos.append(api_pb2.HParamInfo(
+            name=name, differs=len(values) > 1,
+            type=api_pb2.DATA_TYPE_FLOAT64 if numeric else api_pb2.DATA_TYPE_STRING,
+        ))
+    experiment = api_pb2.Experiment(
+        hparam_infos=sorted(infos, key=lambda i: (not i.differs, i.name)),
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name)
+                      for tag, name in METRIC_NAMES.items()],
+    )
+    content = plugin_data_pb2.HParamsPluginData(experiment=experiment, version=0)
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name="hparams", content=content.SerializeToString()))
+    summary = Summary(value=[Summary.Value(tag="_hparams_/experiment", metadata=metadata)])
+    with SummaryWriter(log_dir=str(log_dir), filename_suffix=".experiment") as writer:
+        writer._get_file_writer().add_summary(summary)
 
 
 def add_sweep_image(log_dir: str | Path, png: str | Path) -> None:

@@ -320,11 +320,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
         plot(groups, png_path, title)
     except ImportError:
         png_path = None
-    if png_path is not None:
-        from lora_lightning.app.dashboard import add_sweep_image
+    from lora_lightning.app.dashboard import add_sweep_image, write_experiment
 
-        for log_dir in log_dirs(results):
-            if Path(log_dir).is_dir():
+    for log_dir in log_dirs(results):
+        if Path(log_dir).is_dir():
+            write_experiment(log_dir, [r for r in results if r.get("log_dir") == log_dir])
+            if png_path is not None:
                 add_sweep_image(log_dir, png_path)
     md = [f"# {title}", "", table, ""]
     if png_path is not None:
