@@ -26,7 +26,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lightning.app.errors import AppError, explain
+from lora_lightning.app.data_info import describe_data, small_test_warning
+from lora_lightning.app.errors import AppError, check_ckpt_path, explain
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lora = cfg.lora
     lora_callback = _build(lora.callback, "lora.callback") if lora.get("callback") else None
     datamodule = _build(cfg.data, "data")
+    data = _describe(datamodule, cfg)
+    _classes_from_data(cfg, data)
     model = _build(cfg.model, "model")
     callbacks = [
         _build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()
@@ -77,24 +80,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         Path(cfg.paths.log_dir).resolve(),
         Path(checkpoint.dirpath).resolve() if checkpoint and checkpoint.dirpath else "(none)",
     )
+    check_ckpt_path(cfg.get("ckpt_path"))
+    lr_found = _lr_find(cfg, trainer, model, datamodule, output_dir)
+    if lr_found is not None:
+        recorder.hparams["lr"] = lr_found  # the HParams tab shows the rate that trained
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except Exception as err:
-        explained = explain(err, "fit")
+        explained = explain(err, "fit", ckpt_path=cfg.get("ckpt_path"))
         if explained is None:
             raise
         raise explained from err
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    test_acc = None
-    if cfg.get("test", True):
+    tested: dict[str, float] = {}
+    if cfg.get("test", True) and data.get("test_size") != 0:
         best = checkpoint.best_model_path if checkpoint is not None else ""
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-        test_acc = float(tested[0]["test/acc"]) if tested and "test/acc" in tested[0] else None
-        if test_acc is not None and trainer.global_rank == 0:
-            for logger in trainer.loggers:
-                logger.log_metrics({"hp_metric": test_acc}, step=trainer.global_step)
-                logger.finalize("success")
+        out = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        tested = {k: float(v) for k, v in (out[0] if out else {}).items()}
+    test_acc = tested.get("test/acc")
 
     result = {
         "run": str(cfg.run_name),
@@ -103,9 +107,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "rank": int(lora.config.r) if lora.get("config") else None,
         "targets": _targets(lora),
         "seed": int(cfg.seed),
-        "lr": _lr(cfg),
+        "lr": lr_found if lr_found is not None else _lr(cfg),
+        "lr_found": lr_found,
         **recorder.results,
+        "metric": "acc (plain accuracy: correct / all test samples)",
         "test_acc": test_acc,
+        "test_balanced_acc": tested.get("test/balanced_acc"),
+        **data,
+        "monitor": f"{checkpoint.monitor} ({checkpoint.mode})" if checkpoint else None,
         "best_val_acc": _best_val(checkpoint, fit_metrics),
         "samples_per_sec": fit_metrics.get("perf/samples_per_sec"),
         "checkpoint": str(checkpoint.best_model_path) if checkpoint else None,
@@ -118,8 +127,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "overrides": _overrides(),
     }
     if trainer.global_rank == 0:
+        from lora_lightning.app.dashboard import log_run, write_layout
+
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        if cfg.get("logger") and "tensorboard" in cfg.logger:
+            write_layout(cfg.paths.log_dir)
+        log_run(trainer.loggers, recorder.logged_hparams, result, trainer.global_step)
         log.info(
             "run %s: test acc %s, %s trainable (%.3f%%), fit %.1f s, result in %s",
             cfg.run_id,
@@ -129,10 +143,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result.get("fit_seconds", 0.0),
             output_dir / RESULT_FILE,
         )
+        if not _in_sweep():
+            from lora_lightning.app.report import run_summary
+
+            print(run_summary(result), flush=True)
     return result
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _describe(datamodule: Any, cfg: DictConfig) -> dict[str, Any]:
+    """:func:`describe_data`, with bad data files explained as ``data`` errors."""
+    try:
+        data = describe_data(datamodule)
+    except Exception as err:
+        explained = explain(err, "data", str(cfg.data.get("_target_")))
+        if explained is None:
+            raise
+        raise explained from err
+    warning = small_test_warning(data["test_size"], data["test_majority_acc"])
+    if warning:
+        log.warning("run %s: %s", cfg.run_id, warning)
+    return data
+
+
+def _classes_from_data(cfg: DictConfig, data: dict[str, Any]) -> None:
+    """Size the model's head from the data: ``model.net.num_classes: null`` means that."""
+    net = OmegaConf.select(cfg, "model.net", default=None)
+    if not isinstance(net, DictConfig) or "num_classes" not in net:
+        return
+    wanted, found = net.get("num_classes"), data.get("num_classes")
+    names = f" {data['label_names']}" if data.get("label_names") else ""
+    if wanted is None:
+        if found is None:
+            raise AppError(
+                f"model.net.num_classes is null (meaning: from the data), but the data "
+                f"({cfg.data.get('_target_')}) has no `num_classes`; set "
+                "model.net.num_classes=<number of classes>."
+            )
+        with open_dict(cfg):
+            cfg.model.net.num_classes = found
+    elif found is not None and int(wanted) != found:
+        raise AppError(
+            f"model.net.num_classes={wanted}, but the data ({cfg.data.get('_target_')}) has "
+            f"{found} classes{names}; drop the override (model.net.num_classes=null sizes "
+            "the head from the data)."
+        )
+
+
 def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with bad-input errors explained by config key."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -178,6 +235,47 @@ def _name_run_after_its_folder(cfg: DictConfig) -> None:
     folder = Path(output_dir).name
     with open_dict(cfg):
         cfg.run_id = folder
+
+
+def _lr_find(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any,
+             output_dir: Path) -> float | None:
+    """With ``lr_find.enabled``: run Lightning's LR range test, set the model's ``lr``.
+
+    ``Tuner.lr_find`` trains ``num_training`` steps with the learning rate rising from
+    ``min_lr`` to ``max_lr``, restores the model's weights, and suggests the rate where the
+    loss falls fastest; it is written into the module's ``lr`` (``hparams.lr``) before fit
+    and recorded in ``result.json`` as ``lr_found``, with the curve in ``lr_find.png``.
+    """
+    options = cfg.get("lr_find")
+    if not options or not options.get("enabled"):
+        return None
+    from lightning.pytorch.tuner import Tuner
+
+    finder = Tuner(trainer).lr_find(
+        model, datamodule=datamodule, min_lr=float(options.min_lr),
+        max_lr=float(options.max_lr), num_training=int(options.num_training),
+    )
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        log.warning("run %s: lr_find found no suggestion; keeping lr=%s", cfg.run_id, _lr(cfg))
+        return None
+    if trainer.global_rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        figure = finder.plot(suggest=True)
+        figure.savefig(output_dir / "lr_find.png", dpi=100)
+        log.info("run %s: lr_find suggests lr=%.3g (curve in %s)", cfg.run_id, suggestion,
+                 output_dir / "lr_find.png")
+    return float(suggestion)
+
+
+def _in_sweep() -> bool:
+    """True for a job of a multirun (``-m``), whose table the sweep report prints."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _checkpoint_callback(trainer: Any) -> Any:

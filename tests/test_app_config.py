@@ -81,16 +81,31 @@ def test_model_options_instantiate(tmp_path, option):
     from lora_lightning.examples import ClassifierModule
 
     with composed(tmp_path, f"model={option}") as cfg:
+        assert cfg.model.net.num_classes is None  # from the data, filled in by the app
+        app._classes_from_data(cfg, {"num_classes": 3, "label_names": None})
         model = instantiate(cfg.model)
     assert isinstance(model, ClassifierModule)
     assert model.hparams.lr == cfg.model.lr
+    assert model.hparams.num_classes == 3
 
 
-@pytest.mark.parametrize("option", ["rotten_tomatoes", "digits"])
+def test_number_of_classes_comes_from_the_data_or_is_an_error(tmp_path):
+    data = {"num_classes": 2, "label_names": ["neg", "pos"]}
+    with composed(tmp_path, "model=minilm", "model.net.num_classes=5") as cfg:
+        with pytest.raises(app.AppError, match=r"model\.net\.num_classes=5, but the data "
+                           r"\(.*RottenTomatoesDataModule\) has 2 classes \['neg', 'pos'\]"):
+            app._classes_from_data(cfg, data)
+    with composed(tmp_path, "model=minilm") as cfg:
+        with pytest.raises(app.AppError, match=r"has no `num_classes`; set model\.net\.num_c"):
+            app._classes_from_data(cfg, {"num_classes": None})
+
+
+@pytest.mark.parametrize("option", ["rotten_tomatoes", "digits", "text_files"])
 def test_data_options_instantiate(tmp_path, option):
     from lightning.pytorch import LightningDataModule
 
-    with composed(tmp_path, f"data={option}") as cfg:
+    extra = [f"data.train={tmp_path / 'train.csv'}"] if option == "text_files" else []
+    with composed(tmp_path, f"data={option}", *extra) as cfg:
         assert isinstance(instantiate(cfg.data), LightningDataModule)
 
 

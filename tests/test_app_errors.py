@@ -135,3 +135,30 @@ def test_head_only_without_a_match_is_explained():
 def test_bugs_are_not_disguised():
     assert explain(RuntimeError("CUDA error"), "fit") is None
     assert explain(ValueError("shape mismatch in forward"), "fit") is None
+
+
+def test_bad_data_file_is_one_paragraph_naming_file_and_line(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood film,pos\nbad film,neg\n")
+    (tmp_path / "test.csv").write_text("text,label\nfine,pos\nso-so,neutral\n")
+    proc = run_app(tmp_path, "data=text_files", "data.train=train.csv", "data.test=test.csv")
+    assert_one_paragraph(
+        proc, "test.csv, line 3: label 'neutral' does not occur in the training file",
+        "['neg', 'pos']",
+    )
+
+
+def test_a_text_file_as_ckpt_path_is_called_what_it_is(tmp_path):
+    (tmp_path / "notes.txt").write_text("these are my notes, not a checkpoint\n")
+    proc = run_app(tmp_path, *FAST, "ckpt_path=notes.txt")
+    assert_one_paragraph(proc, "ckpt_path='notes.txt' is not a checkpoint: it is a 37-byte "
+                               "file of text", "ckpt_path=null")
+    assert "truncated or corrupted" not in proc.stderr
+
+
+def test_resume_with_another_rank_is_one_paragraph(tmp_path):
+    first = run_app(tmp_path, *FAST, "name=first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (ckpt,) = (tmp_path / "first").rglob("best.ckpt")
+    proc = run_app(tmp_path, *FAST, "lora.config.r=4", f"ckpt_path={ckpt}", "trainer.max_epochs=2")
+    assert_one_paragraph(proc, f"ckpt_path={str(ckpt)!r} cannot be used:",
+                         "net.conv1: checkpoint r=8, model r=4", "ckpt_path=null")

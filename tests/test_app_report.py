@@ -30,7 +30,9 @@ def _result(run: str, kind: str, rank: int | None, seed: int, acc: float, params
         "run": run, "run_id": f"{job}_{run}", "kind": kind, "rank": rank, "seed": seed,
         "trainable_params": params, "total_params": TOTAL, "trainable_ratio": params / TOTAL,
         "test_acc": acc, "best_val_acc": acc + 0.01, "fit_seconds": 10.0 + job,
-        "peak_mem_mb": 1500.0, "checkpoint_bytes": params * 12, "samples_per_sec": 50.0,
+        "peak_rss_mb": 1500.0, "checkpoint_bytes": params * 12, "samples_per_sec": 50.0,
+        "test_size": 1000, "test_majority_acc": 0.566, "peak_tensor_mb": 90.0 + params / 1e4,
+        "train_gflops_per_step": 12.5,
         "log_dir": log_dir, "overrides": [f"rank={rank or 'full'}", f"seed={seed}"],
     }
 
@@ -83,10 +85,11 @@ def test_report_writes_csv_md_png(multi_seed_sweep):
 def test_table_has_the_comparison_columns(multi_seed_sweep):
     table = write_report(multi_seed_sweep)["table"]
     header = table.splitlines()[0]
-    for column in ("run", "trainable params", "ratio", "test acc", "train time",
-                   "peak mem", "checkpoint"):
+    for column in ("run", "trainable params", "ratio", "test acc (n=1,000, majority 0.566)",
+                   "GFLOPs/step", "peak tensor mem", "peak RSS", "train time", "checkpoint"):
         assert column in header
-    assert "rank_full" in table and "100.000%" in table
+    assert "rank_full" not in table  # the baseline is named for what it is
+    assert "| full fine-tuning " in table and "100.000%" in table
 
 
 def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
@@ -99,9 +102,45 @@ def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
     ])
     report = write_report(sweep)
     labels = [g.label for g in report["groups"]]
-    assert labels == ["head_only", "lora_qv", "lora_all_linear", "full fine-tuning"]
+    assert labels == ["head only (frozen encoder)", "lora_qv", "lora_all_linear",
+                      "full fine-tuning"]
     assert "±" not in report["table"]
+    assert "±" not in report["md"].read_text()  # no promise of a spread that is not there
     assert report["png"].is_file()
+
+
+def test_table_without_a_shared_test_split_gives_size_and_majority_per_row(tmp_path):
+    small = _result("lora_qv", "lora", 8, 0, 0.74, 74_498, 1)
+    small.update(test_size=50, test_majority_acc=0.6)
+    sweep = _write(tmp_path / "s", [_result("full_ft", "full", None, 0, 0.77, TOTAL, 0), small])
+    report = write_report(sweep)
+    header = report["table"].splitlines()[0]
+    assert "test n" in header and "majority" in header
+    row = next(line for line in report["table"].splitlines() if "lora_qv" in line)
+    assert [c.strip() for c in row.split("|")[4:7]] == ["0.7400", "50", "0.600"]
+    assert "only 50 samples" in report["md"].read_text()  # the tiny test split is flagged
+
+
+def test_plot_spans_from_the_majority_floor_to_one(multi_seed_sweep, monkeypatch):
+    import matplotlib.axes
+
+    seen = []
+    original = matplotlib.axes.Axes.set_ylim
+
+    def spy(self, *args, **kwargs):
+        if len(args) == 2:
+            seen.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim", spy)
+    lines = []
+    original_axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y, **kw: lines.append((y, kw.get("label"))) or
+                        original_axhline(self, y, **kw))
+    write_report(multi_seed_sweep)
+    assert seen and seen[-1][1] == 1.0 and seen[-1][0] == pytest.approx(0.566 - 0.05)
+    assert (0.566, "majority class (0.566): the floor") in lines
 
 
 def test_no_results_is_a_clear_error(tmp_path):
@@ -120,6 +159,7 @@ def test_cli_prints_table_and_tensorboard_command(multi_seed_sweep, capsys):
     out = capsys.readouterr().out
     assert "| r=4" in out
     assert "tensorboard --logdir /logs/tb" in out
+    assert "test acc is plain accuracy" in out
     assert (multi_seed_sweep / "report" / "sweep.png").is_file()
 
 

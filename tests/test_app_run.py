@@ -14,9 +14,10 @@ TESTS = Path(__file__).resolve().parent
 FAST = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 # What every run logs, with or without LoRA, so TensorBoard lines runs up.
 TAGS = {
-    "train/loss", "val/loss", "val/acc", "test/acc", "lora/trainable_ratio",
-    "lora/trainable_params", "lora/total_params", "perf/samples_per_sec",
-    "perf/peak_mem_mb", "perf/run_peak_mem_mb", "perf/fit_seconds", "hp_metric",
+    "train/loss", "val/loss", "val/acc", "val/balanced_acc", "test/acc", "test/balanced_acc",
+    "lora/trainable_ratio", "lora/trainable_params", "lora/total_params",
+    "perf/samples_per_sec", "perf/peak_mem_mb", "perf/run_peak_rss_mb", "perf/fit_seconds",
+    "perf/peak_tensor_mb", "perf/train_gflops_per_step", "perf/tensor_mb/activations",
 }
 
 
@@ -65,7 +66,13 @@ def test_digits_run_writes_result_checkpoint_adapter_and_logs(tmp_path):
     assert result["run"] == "lora_conv" and result["kind"] == "lora" and result["rank"] == 8
     assert 0 < result["trainable_params"] < result["total_params"]
     assert result["test_acc"] > 0.5  # ten classes: chance is 0.1
-    assert result["fit_seconds"] > 0 and result["peak_mem_mb"] > 0
+    assert result["fit_seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert result["test_size"] == 270 and 0.1 < result["test_majority_acc"] < 0.2
+    assert result["num_classes"] == 10 and result["label_names"][:2] == ["0", "1"]
+    assert result["monitor"] == "val/acc (max)"
+    parts = [result[f"tensor_{k}_mb"] for k in ("params", "grads", "optimizer", "activations")]
+    assert all(p > 0 for p in parts) and result["peak_tensor_mb"] == pytest.approx(sum(parts))
+    assert result["train_gflops_per_step"] > 0
     assert Path(result["checkpoint"]).stat().st_size == result["checkpoint_bytes"]
     assert result["adapter_bytes"] > 0
     assert result["overrides"][0] == "experiment=digits"
@@ -75,9 +82,36 @@ def test_digits_run_writes_result_checkpoint_adapter_and_logs(tmp_path):
     tb_run = Path(result["log_dir"]) / "lora_conv"
     tags, hparams = tensorboard_tags(tb_run)
     assert tags >= TAGS, TAGS - tags
+    assert "hp_metric" not in tags  # no placeholder line from -1 to the test accuracy
     assert hparams["run"] == "lora_conv" and hparams["kind"] == "lora"
     assert hparams["lora/r"] == 8 and hparams["lr"] == pytest.approx(0.01)
     assert (tb_run / "metrics.csv").is_file()  # the csv logger shares the run's folder
+    # A single run ends with its table and a TensorBoard command that runs as printed.
+    assert f"test acc (n=270, majority {result['test_majority_acc']:.3f})" in proc.stdout
+    curves = next(line for line in proc.stdout.splitlines() if line.startswith("Curves: "))
+    program = curves.split()[1]
+    assert program == "tensorboard" or Path(tmp_path, program).is_file(), curves
+
+
+def test_text_files_run_sizes_the_head_from_the_data(tmp_path):
+    labels = ["bad", "good", "meh"]
+    lines = ["text,label"] + [f"this film is {labels[i % 3]} number {i},{labels[i % 3]}"
+                              for i in range(48)]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.tsv").write_text(
+        "text\tlabel\n" + "".join(f"so {labels[i % 3]} {i}\t{labels[i % 3]}\n" for i in range(12))
+    )
+    run_app(tmp_path, "data=text_files", "data.train=train.csv", "data.test=test.tsv",
+            "data.max_length=16", "data.batch_size=8", "trainer.max_steps=6",
+            "trainer.enable_progress_bar=false", "lora.config.r=2")
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["num_classes"] == 3 and result["label_names"] == labels
+    assert result["test_size"] == 12 and result["test_majority_acc"] == pytest.approx(1 / 3)
+    assert result["train_size"] + result["val_size"] == 48
+    import torch
+
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)  # a file this test made
+    assert checkpoint["TextFilesDataModule"] == {"label_names": labels}  # class order kept
 
 
 def test_console_script_help_lists_groups_and_launchers(tmp_path):
@@ -121,3 +155,18 @@ def test_own_module_through_a_config_dir(tmp_path):
     (result,) = results_under(tmp_path / "outputs")
     assert result["kind"] == "head_only" and result["lr"] == pytest.approx(3e-3)
     assert result["trainable_params"] == 8 * 2 + 2
+
+
+def test_lr_find_sets_the_rate_that_trains(tmp_path):
+    run_app(tmp_path, "experiment=digits", *FAST, "lr_find.enabled=true",
+            "lr_find.num_training=20")
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["lr_found"] is not None and result["lr"] == result["lr_found"]
+    assert 1e-6 <= result["lr_found"] <= 1e-1 and result["lr_found"] != 1e-2
+    import torch
+
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)  # a file this test made
+    assert checkpoint["hyper_parameters"]["lr"] == pytest.approx(result["lr_found"])
+    assert (Path(result["output_dir"]) / "lr_find.png").is_file()
+    _, hparams = tensorboard_tags(Path(result["log_dir"]) / "lora_conv")
+    assert hparams["lr"] == pytest.approx(result["lr_found"])

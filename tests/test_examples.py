@@ -313,3 +313,58 @@ def test_import_is_lazy_about_heavy_dependencies():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_acc_is_plain_accuracy_and_balanced_acc_is_named_so():
+    """On a 3:1 set, always predicting the majority class: acc 0.75, balanced_acc 0.5.
+
+    torchmetrics' multiclass Accuracy averages per class by default; that figure used to
+    be logged as `acc` and read against majority-class rates.
+    """
+
+    class Constant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = nn.Linear(1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[5.0, 0.0]]).expand(x.shape[0], 2) + 0 * self.classifier(x)
+
+    module = ClassifierModule(Constant())
+    labels = torch.tensor([0, 0, 0, 1] * 4)
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    module._eval_step({"x": torch.zeros(16, 1), "labels": labels}, "test")
+    assert module.test_acc.compute().item() == pytest.approx(0.75)
+    assert module.test_balanced_acc.compute().item() == pytest.approx(0.5)
+    assert {"test/acc", "test/balanced_acc", "test/loss"} == set(logged)
+
+
+def test_split_datamodule_settings_are_arguments_and_shuffle_follows_global_seed():
+    from torch.utils.data import TensorDataset
+
+    from lora_lightning.examples import SplitDataModule
+
+    class Plain(SplitDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            data = TensorDataset(torch.arange(50))
+            data.labels = [0] * 30 + [1] * 20  # type: ignore[attr-defined]
+            self._datasets = {"train": data, "val": data, "test": data}
+
+    def first_batch(seed: int, **kw) -> list[int]:
+        torch.manual_seed(seed)
+        dm = Plain(batch_size=10, **kw)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))[0].tolist()
+
+    assert first_batch(0) == first_batch(0)
+    assert first_batch(0) != first_batch(1)  # the global seed reshuffles
+    assert first_batch(0, shuffle_seed=3) == first_batch(1, shuffle_seed=3)
+    dm = Plain(batch_size=10)
+    dm.setup()
+    assert dm.majority_rate("test") == pytest.approx(0.6)
+    assert dm.class_counts("test") == {0: 30, 1: 20} and dm.split_size("test") == 50
+    bare = Plain()
+    bare.setup()
+    with pytest.raises(RuntimeError, match=r"Plain has no `batch_size`: pass batch_size="):
+        bare.train_dataloader()

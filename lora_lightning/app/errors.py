@@ -13,9 +13,11 @@ stack trace." and exits with status 1, in single runs and in sweeps alike. With
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from hydra.errors import CompactHydraException, InstantiationException
 
+from lora_lightning.app.head_only import HeadOnlyError
 from lora_lightning.errors import ConfigError
 
 # Top-level module -> the command that installs it, for modules the app's configs use.
@@ -74,7 +76,48 @@ def _where(err: BaseException, key: str, target: str | None) -> tuple[str, str |
     return key, target
 
 
-def explain(err: BaseException, key: str, target: str | None = None) -> AppError | None:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def check_ckpt_path(ckpt_path: object) -> None:
+    """Refuse a ``ckpt_path`` that is plainly not a checkpoint, before any training starts.
+
+    Lightning's own names (``"last"``, ``"best"``, ...) and missing files are left to
+    Lightning. A file that does not even start like a zip archive (a text file, say) is
+    named as what it is, not as a damaged checkpoint.
+    """
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return
+    path = Path(str(ckpt_path))
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if head.startswith(ZIP_MAGIC) or not head:
+        return
+    looks = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary data"
+    raise AppError(
+        f"ckpt_path={str(ckpt_path)!r} is not a checkpoint: it is a "
+        f"{path.stat().st_size:,}-byte file of {looks} (it starts with {head[:24]!r}), while "
+        "Lightning writes checkpoints as zip archives. Pass a .ckpt file a run wrote (e.g. "
+        "<output_dir>/checkpoints/best.ckpt), or ckpt_path=null to start afresh."
+    )
+
+
+def _checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """The core's exception types for a checkpoint that cannot be used (bad input)."""
+    from lora_lightning.errors import (
+        AdapterFileError,
+        AdapterLoadError,
+        CheckpointMismatchError,
+        CheckpointReadError,
+    )
+
+    return CheckpointReadError, CheckpointMismatchError, AdapterLoadError, AdapterFileError
+
+
+def explain(err: BaseException, key: str, target: str | None = None,
+            ckpt_path: object = None) -> AppError | None:
     """An :class:`AppError` for ``err``, raised while building or running ``key``.
 
     Args:
@@ -82,8 +125,13 @@ def explain(err: BaseException, key: str, target: str | None = None) -> AppError
         key: the config key being built (``"model"``, ``"lora.callback"``, ...) or the
             stage (``"fit"``).
         target: the component's ``_target_``, named in the message when known.
+        ckpt_path: the checkpoint being resumed, named in checkpoint errors.
     """
     cause = root_cause(err)
+    if isinstance(cause, _checkpoint_errors()):
+        first = str(cause).strip()
+        where = f"ckpt_path={str(ckpt_path)!r}" if ckpt_path else "the checkpoint"
+        return AppError(f"{where} cannot be used: {first} To start afresh: ckpt_path=null.")
     key, target = _where(err, key, target)
     what = f"{key} ({target})" if target else key
     if key == "fit":
@@ -107,8 +155,8 @@ def explain(err: BaseException, key: str, target: str | None = None) -> AppError
     if isinstance(cause, ValueError | TypeError):
         if isinstance(cause, ConfigError):
             return AppError(f"Invalid LoRA setting: {_lora_key(text)}")
-        if text.startswith("HeadOnly."):
-            return AppError(f"Invalid head-only setting: lora.callback.{text[len('HeadOnly.'):]}")
+        if isinstance(cause, HeadOnlyError):
+            return AppError(f"Invalid head-only setting: lora.callback.{cause.detail}")
         if key != "fit":
             return AppError(f"{what}: {text}")
     return None

@@ -8,6 +8,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 
+class HeadOnlyError(ValueError):
+    """A bad ``HeadOnly`` setting. ``detail`` is the message after ``HeadOnly.``."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"HeadOnly.{detail}")
+
+
 def _matches(name: str, targets: Sequence[str]) -> bool:
     """An exact module name or a dotted suffix, like ``LoRAConfig.modules_to_save``."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -30,8 +38,8 @@ class HeadOnly(Callback):
         if isinstance(modules, str):
             modules = [modules]
         if not modules or not all(isinstance(m, str) and m for m in modules):
-            raise ValueError(
-                f"HeadOnly.modules: got {modules!r}; expected a non-empty list of module names."
+            raise HeadOnlyError(
+                f"modules: got {modules!r}; expected a non-empty list of module names."
             )
         self.modules = list(modules)
 
@@ -43,8 +51,8 @@ class HeadOnly(Callback):
         ]
         if not matched:
             children = [name for name, _ in pl_module.named_modules() if name.count(".") <= 1]
-            raise ValueError(
-                f"HeadOnly.modules: got {self.modules!r}, which matches no module of "
+            raise HeadOnlyError(
+                f"modules: got {self.modules!r}, which matches no module of "
                 f"{type(pl_module).__name__}; names near the top are {children[:20]}."
             )
         pl_module.requires_grad_(False)

@@ -26,8 +26,15 @@ from typing import Any
 RESULT_FILE = "result.json"
 CSV_COLUMNS = (
     "run", "kind", "rank", "seed", "targets", "lr", "trainable_params", "total_params",
-    "trainable_ratio", "test_acc", "best_val_acc", "fit_seconds", "samples_per_sec",
-    "peak_mem_mb", "checkpoint_bytes", "adapter_bytes", "run_id", "output_dir",
+    "trainable_ratio", "test_acc", "test_balanced_acc", "test_size", "test_majority_acc",
+    "best_val_acc", "monitor", "fit_seconds", "samples_per_sec", "train_gflops_per_step",
+    "peak_tensor_mb", "tensor_params_mb", "tensor_grads_mb", "tensor_optimizer_mb",
+    "tensor_activations_mb", "peak_rss_mb", "checkpoint_bytes", "adapter_bytes", "run_id",
+    "output_dir",
+)
+METRIC_NOTE = (
+    "test acc is plain accuracy (correct / all test samples) of the checkpoint with the "
+    "best validation accuracy (plain too)"
 )
 
 
@@ -108,6 +115,11 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
             g.label = f"r={g.rank}"
         elif g.kind == "full":
             g.label = "full fine-tuning"
+        elif g.kind == "head_only":
+            g.label = "head only (frozen encoder)"
+        elif g.kind == "lora" and g.rank:
+            targets = str(g.runs[0].get("targets") or "")
+            g.label = f"LoRA {targets.replace(',', '+')} r={g.rank}" if targets else g.run
         else:
             g.label = g.run
         namesakes = [set(_config_key(o.runs[0])[3]) for o in ordered if o.run == g.run]
@@ -130,24 +142,72 @@ def _fmt_num(value: float, fmt: str) -> str:
     return "n/a" if value is None or math.isnan(value) else format(value, fmt)
 
 
+def _fmt_size(value: float) -> str:
+    """Three significant digits below 100 (small models), whole numbers above."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return format(value, ",.0f") if abs(value) >= 100 else format(value, ".3g")
+
+
+def _same(groups: Sequence[Group], key: str) -> float | None:
+    """The one value every run has for ``key``, or None when runs differ or lack it."""
+    values = {round(v, 6) for g in groups for v in g.values(key)}
+    return values.pop() if len(values) == 1 else None
+
+
 def table_rows(groups: Sequence[Group]) -> list[list[str]]:
-    """Header and one row per group, as strings."""
-    rows = [[
-        "run", "trainable params", "ratio", "test acc", "train time (s)", "peak mem (MB)",
-        "checkpoint (MB)",
-    ]]
+    """Header and one row per group, as strings.
+
+    The accuracy column names its metric and, when every run shares one test split, its
+    size and majority-class rate; otherwise each row carries them.
+    """
+    size, majority = _same(groups, "test_size"), _same(groups, "test_majority_acc")
+    shared = size is not None and majority is not None
+    acc_header = "test acc"
+    if shared:
+        acc_header += f" (n={size:,.0f}, majority {majority:.3f})"
+    header = ["run", "trainable params", "ratio", acc_header]
+    if not shared:
+        header += ["test n", "majority"]
+    header += ["GFLOPs/step", "peak tensor mem (MB)", "peak RSS (MB)", "train time (s)",
+               "checkpoint (MB)"]
+    rows = [header]
     for g in groups:
         ckpt = g.mean("checkpoint_bytes")
-        rows.append([
-            g.label if g.kind != "full" else g.run + g.label[len("full fine-tuning"):],
+        row = [
+            g.label,
             _fmt_num(g.mean("trainable_params"), ",.0f"),
             _fmt_num(100 * g.mean("trainable_ratio"), ".3f") + "%",
             _fmt_acc(g),
+        ]
+        if not shared:
+            row += [_fmt_num(g.mean("test_size"), ",.0f"),
+                    _fmt_num(g.mean("test_majority_acc"), ".3f")]
+        rss = g.mean("peak_rss_mb")
+        if math.isnan(rss):
+            rss = g.mean("peak_mem_mb")  # result.json of older versions
+        row += [
+            _fmt_size(g.mean("train_gflops_per_step")),
+            _fmt_size(g.mean("peak_tensor_mb")),
+            _fmt_num(rss, ",.0f"),
             _fmt_num(g.mean("fit_seconds"), ".1f"),
-            _fmt_num(g.mean("peak_mem_mb"), ",.0f"),
             _fmt_num(ckpt / 1e6 if not math.isnan(ckpt) else ckpt, ",.2f"),
-        ])
+        ]
+        rows.append(row)
     return rows
+
+
+def table_notes(groups: Sequence[Group]) -> str:
+    """What the table's columns mean, in one paragraph."""
+    seeds = max((len(g.runs) for g in groups), default=1)
+    spread = "; ± is one standard deviation over seeds" if seeds > 1 else ""
+    return (
+        f"{METRIC_NOTE}{spread}. GFLOPs/step: forward + backward of one training batch "
+        "(torch FlopCounterMode). Peak tensor memory: parameters and buffers + gradients + "
+        "optimizer state + activations saved for backward; peak RSS: the whole process "
+        "(runtime, libraries, allocator caches included). Train time: wall time of fit, "
+        "validation included."
+    )
 
 
 def markdown_table(groups: Sequence[Group]) -> str:
@@ -209,13 +269,22 @@ def plot(groups: Sequence[Group], path: Path, title: str = "") -> None:
                          f"{f', n={n}' if n > 1 else ''})")
         if spread > 0:
             ax.axhspan(y - spread, y + spread, color="tab:red", alpha=0.12)
+    majority = _same(groups, "test_majority_acc")
+    if majority is not None:
+        ax.axhline(majority, color="black", linestyle=":",
+                   label=f"majority class ({majority:.3f}): the floor")
+    # From below the floor to a perfect score, so gaps are seen at their true size.
+    accs = [v for g in groups for v in g.values("test_acc")]
+    low = min([*accs, *([majority] if majority is not None else [])], default=0.0)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_xscale("log")
     xs = [g.mean("trainable_params") for g in points if g.mean("trainable_params") > 0]
     if xs:  # whole decades, so a narrow range still gets labelled major ticks
         ax.set_xlim(10 ** math.floor(math.log10(min(xs))), 10 ** math.ceil(math.log10(max(xs))))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy")
+    size = _same(groups, "test_size")
+    ax.set_ylabel("test accuracy (plain)" + (f", n={size:,.0f}" if size else ""))
     seeds = max((len(g.runs) for g in groups), default=1)
     subtitle = f"mean ± 1 std over {seeds} seeds" if seeds > 1 else "one seed per point"
     ax.set_title(f"{title} ({subtitle})" if title else subtitle, fontsize=10)
@@ -251,29 +320,77 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
         plot(groups, png_path, title)
     except ImportError:
         png_path = None
+    from lora_lightning.app.dashboard import add_sweep_image, write_experiment
+
+    for log_dir in log_dirs(results):
+        if Path(log_dir).is_dir():
+            write_experiment(log_dir, [r for r in results if r.get("log_dir") == log_dir])
+            if png_path is not None:
+                add_sweep_image(log_dir, png_path)
     md = [f"# {title}", "", table, ""]
     if png_path is not None:
         md += [f"![test accuracy vs trainable parameters]({png_path.name})", ""]
-    md += [
-        f"{len(results)} runs from `{Path(sweep_dir)}`. Test accuracy on the test split of "
-        "the best checkpoint by validation accuracy; ± is one standard deviation over "
-        "seeds. Train time is the wall time of `fit` (validation included); peak memory "
-        "is the process's peak RSS during fit on CPU, peak allocated CUDA memory on GPU.",
-        "",
-    ]
+    md += [f"{len(results)} runs from `{Path(sweep_dir)}`. {table_notes(groups)}", ""]
+    warning = _small_test(groups)
+    if warning:
+        md += [f"**Warning:** {warning}", ""]
     md_path.write_text("\n".join(md))
     return {"table": table, "csv": csv_path, "md": md_path, "png": png_path,
             "log_dirs": log_dirs(results), "groups": groups}
 
 
+def _small_test(groups: Sequence[Group]) -> str | None:
+    from lora_lightning.app.data_info import small_test_warning
+
+    sizes = [v for g in groups for v in g.values("test_size")]
+    majority = _same(groups, "test_majority_acc")
+    return small_test_warning(int(min(sizes)), majority) if sizes else None
+
+
 def summary_text(report: dict[str, Any]) -> str:
     """What the CLI and the Hydra callback print after a sweep."""
-    lines = ["", report["table"], ""]
+    lines = ["", report["table"], "", table_notes(report["groups"])]
+    warning = _small_test(report["groups"])
+    if warning:
+        lines.append(f"Warning: {warning}")
     written = [report["csv"], report["md"]] + ([report["png"]] if report["png"] else [])
     lines.append("Report: " + ", ".join(str(p) for p in written))
     for log_dir in report["log_dirs"]:
-        lines.append(f"Compare the runs: tensorboard --logdir {log_dir}")
+        lines.append(f"Compare the runs: {command('tensorboard')} --logdir {log_dir}")
     return "\n".join(lines)
+
+
+def run_summary(result: dict[str, Any]) -> str:
+    """What a single run (not a sweep) prints at its end: its row of the table and where to look."""
+    groups = group_results([result])
+    lines = ["", markdown_table(groups), "", table_notes(groups)]
+    warning = _small_test(groups)
+    if warning:
+        lines.append(f"Warning: {warning}")
+    if result.get("output_dir"):
+        lines.append(f"Result: {Path(result['output_dir']) / RESULT_FILE}")
+    if result.get("log_dir"):
+        lines.append(f"Curves: {command('tensorboard')} --logdir {result['log_dir']}")
+    return "\n".join(lines)
+
+
+def command(name: str) -> str:
+    """How to call this environment's console script ``name`` from the current folder.
+
+    The bare name when the shell finds this very script on PATH, else its path
+    (``.venv/bin/tensorboard`` after ``make demo``, where .venv is not activated).
+    """
+    import os
+    import shutil
+
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        return name
+    found = shutil.which(name)
+    if found and Path(found).resolve() == script.resolve():
+        return name
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else str(script)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

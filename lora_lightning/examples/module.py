@@ -8,11 +8,18 @@ The optimizer is built over the parameters with ``requires_grad=True`` only. Lig
 calls ``configure_optimizers`` after the callbacks' ``setup``, so a LoRA callback that
 freezes the base model and injects adapters there is respected.
 
-Logged metrics: ``train/loss`` (each step), ``val/loss``, ``val/acc``, ``test/loss``,
-``test/acc``, and once per training epoch ``perf/samples_per_sec`` (training samples
-over the wall time from the epoch's start to its last training batch, less any
-validation run inside the epoch) and ``perf/peak_mem_mb`` (peak CUDA memory allocated
-since ``fit`` started on a GPU; otherwise the process's peak resident set size).
+Logged metrics: ``train/loss`` (each step), ``val/loss``, ``val/acc``,
+``val/balanced_acc``, ``test/loss``, ``test/acc``, ``test/balanced_acc``,
+``perf/samples_per_sec`` (training samples so far in the epoch over the wall time from
+the epoch's start to the last training batch, less any validation run inside the epoch;
+logged every ``log_every_n_steps``), and once per training epoch ``perf/peak_mem_mb``
+(peak CUDA memory allocated since ``fit`` started on a GPU; otherwise the process's peak
+resident set size).
+
+``acc`` is plain (micro) accuracy: correct predictions over all samples, the figure to
+read against the majority-class rate. ``balanced_acc`` is the mean of the per-class
+recalls (torchmetrics' ``average="macro"``, its default for multiclass accuracy), which
+a model that always predicts the majority class scores ``1 / num_classes`` on.
 """
 
 from __future__ import annotations
@@ -82,8 +89,11 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.hparams["num_classes"] = num_classes
         self.net = net
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # torchmetrics averages multiclass accuracy per class by default; `acc` is plain.
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")
+        self.test_balanced_acc = MulticlassAccuracy(num_classes, average="macro")
         self._epoch_start = 0.0
         self._last_batch_end = 0.0
         self._val_seconds = 0.0
@@ -128,9 +138,12 @@ class ClassifierModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         loss, logits, labels = self._loss_and_logits(batch)
         accuracy = self.val_acc if stage == "val" else self.test_acc
+        balanced = self.val_balanced_acc if stage == "val" else self.test_balanced_acc
         accuracy(logits, labels)
+        balanced(logits, labels)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=labels.size(0))
         self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=labels.size(0))
+        self.log(f"{stage}/balanced_acc", balanced, batch_size=labels.size(0))
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -191,6 +204,12 @@ class ClassifierModule(L.LightningModule):
         self._val_seconds += self._pending_val_seconds
         self._pending_val_seconds = 0.0
         self._last_batch_end = time.perf_counter()
+        # Throughput so far this epoch, logged every log_every_n_steps (a curve, not a lone
+        # end-of-epoch point); its last value covers the whole epoch.
+        seconds = self._last_batch_end - self._epoch_start - self._val_seconds
+        if self._epoch_samples and seconds > 0:
+            self.log("perf/samples_per_sec", self._epoch_samples / seconds, on_step=True,
+                     on_epoch=False)
 
     @override
     def on_validation_epoch_start(self) -> None:
@@ -202,9 +221,4 @@ class ClassifierModule(L.LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
-        # Validation after the last batch stays pending and so is not subtracted: it falls
-        # outside [epoch start, last batch end] anyway.
-        seconds = self._last_batch_end - self._epoch_start - self._val_seconds
-        if self._epoch_samples and seconds > 0:
-            self.log("perf/samples_per_sec", self._epoch_samples / seconds)
         self.log("perf/peak_mem_mb", peak_memory_mb(self.device))

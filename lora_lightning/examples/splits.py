@@ -1,12 +1,24 @@
 """``SplitDataModule``: the train/val/test loader plumbing the example datamodules share.
 
 Subclasses fill ``self._datasets`` (``{"train", "val", "test"} -> Dataset``) in ``setup``
-and may override :meth:`collate_fn`. Training batches are shuffled with a generator seeded
-from ``hparams.seed``, so runs repeat exactly.
+and may override :meth:`collate_fn`. Loader settings are constructor arguments
+(``batch_size``, ``num_workers``, ``shuffle_seed``); a subclass that calls
+``super().__init__()`` without them and saves them with ``save_hyperparameters()`` (the
+older form) still works, and one that does neither gets an error naming the setting.
+
+Shuffling follows the run's global seed: the training loader's generator is seeded,
+when the first training loader is built, from ``torch.initial_seed()``, which
+``lightning.seed_everything(seed)`` sets; so ``seed=1`` reshuffles while the split (fixed
+by the datamodule's own ``seed``) stays the same. Pass ``shuffle_seed`` to pin it.
+
+A dataset that has a ``labels`` attribute (a list or a 1-D tensor of class indices) gets
+class counts and a majority-class rate per split (:meth:`class_counts`,
+:meth:`majority_rate`), the floor every accuracy is read against.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +26,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
+
+_UNSET = object()
 
 
 def check_int(name: str, value: object, low: int) -> None:
@@ -23,16 +37,51 @@ def check_int(name: str, value: object, low: int) -> None:
 
 
 class SplitDataModule(L.LightningDataModule):
-    """Base class: three named splits, seeded shuffling, a clear error before ``setup``."""
+    """Base class: three named splits, seeded shuffling, a clear error before ``setup``.
 
-    def __init__(self) -> None:
+    Args:
+        batch_size: samples per batch (every split).
+        num_workers: DataLoader worker processes.
+        shuffle_seed: seed of the training shuffle; None (default) takes it from the
+            global seed (``torch.initial_seed()``, set by ``seed_everything``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        shuffle_seed: int | None = None,
+    ) -> None:
         super().__init__()
+        if batch_size is not None:
+            check_int("batch_size", batch_size, 1)
+        if num_workers is not None:
+            check_int("num_workers", num_workers, 0)
+        if shuffle_seed is not None:
+            check_int("shuffle_seed", shuffle_seed, 0)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
         self._datasets: dict[str, Dataset] | None = None
         self._generator: torch.Generator | None = None
 
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
         """The DataLoader's ``collate_fn``; None means PyTorch's default."""
         return None
+
+    def _setting(self, name: str, default: Any = _UNSET) -> Any:
+        """A loader setting: the constructor argument, else a saved hparam, else default."""
+        value = getattr(self, name, None)
+        if value is None:
+            value = self.hparams.get(name) if hasattr(self, "hparams") else None
+        if value is None:
+            if default is _UNSET:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no `{name}`: pass {name}=... to "
+                    f"SplitDataModule.__init__ (e.g. super().__init__({name}=32))."
+                )
+            return default
+        return value
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if self._datasets is None:
@@ -41,13 +90,16 @@ class SplitDataModule(L.LightningDataModule):
                 "call dm.setup() first or pass the datamodule to a Trainer."
             )
         if shuffle and self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.hparams.seed)
+            seed = self.shuffle_seed
+            self._generator = torch.Generator().manual_seed(
+                torch.initial_seed() if seed is None else seed
+            )
         return DataLoader(
             self._datasets[name],
-            batch_size=self.hparams.batch_size,
+            batch_size=self._setting("batch_size"),
             shuffle=shuffle,
             generator=self._generator if shuffle else None,
-            num_workers=self.hparams.num_workers,
+            num_workers=self._setting("num_workers", 0),
             collate_fn=self.collate_fn(),
         )
 
@@ -62,3 +114,29 @@ class SplitDataModule(L.LightningDataModule):
     @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    # -- what the splits hold ---------------------------------------------------------------
+
+    def class_counts(self, split: str) -> dict[int, int] | None:
+        """``{class index: count}`` of one split after ``setup``; None if unknown."""
+        if self._datasets is None or split not in self._datasets:
+            return None
+        labels = getattr(self._datasets[split], "labels", None)
+        if labels is None:
+            return None
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()
+        return dict(sorted(Counter(int(label) for label in labels).items()))
+
+    def split_size(self, split: str) -> int | None:
+        """Number of samples in one split after ``setup``; None if unknown."""
+        if self._datasets is None or split not in self._datasets:
+            return None
+        return len(self._datasets[split])  # type: ignore[arg-type]
+
+    def majority_rate(self, split: str) -> float | None:
+        """Accuracy of always predicting the split's most frequent class; None if unknown."""
+        counts = self.class_counts(split)
+        if not counts:
+            return None
+        return max(counts.values()) / sum(counts.values())

@@ -263,8 +263,8 @@ class MiniLMClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-class _EncodedSnippets(Dataset):
-    """Token ids (unpadded) and labels of one split."""
+class TokenizedTexts(Dataset):
+    """Token ids (unpadded) and class indices of one split; batch it with :func:`pad_collate`."""
 
     def __init__(self, input_ids: list[list[int]], labels: list[int]) -> None:
         self.input_ids = input_ids
@@ -277,7 +277,18 @@ class _EncodedSnippets(Dataset):
         return self.input_ids[index], self.labels[index]
 
 
-def _pad_collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int],
+    max_length: int,
+) -> TokenizedTexts:
+    """Tokenize ``texts``, truncating each at ``max_length`` tokens, beside their labels."""
+    ids: list[list[int]] = []  # a size-0 split: tokenizers reject an empty list
+    if texts:
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return TokenizedTexts(ids, list(labels))
+
+
+def pad_collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest sequence; return input_ids, attention_mask, labels."""
     longest = max(len(ids) for ids, _ in items)
     input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
@@ -294,10 +305,12 @@ class RottenTomatoesDataModule(SplitDataModule):
 
     ``setup`` loads, splits and tokenizes once (later calls do nothing). Batches are
     dicts of ``input_ids`` and ``attention_mask`` (padded to the longest snippet in the
-    batch, at most ``max_length`` tokens) and ``labels``.
+    batch, at most ``max_length`` tokens) and ``labels``. ``seed`` fixes the split only;
+    the training shuffle follows the run's global seed (see :class:`SplitDataModule`).
     """
 
     num_classes = 2
+    label_names = ("rotten", "fresh")
 
     def __init__(
         self,
@@ -311,13 +324,8 @@ class RottenTomatoesDataModule(SplitDataModule):
         data_path: str | Path | None = None,
         model_path: str | Path | None = None,
     ) -> None:
-        super().__init__()
-        for name, value, low in (
-            ("max_length", max_length, 2),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            check_int(name, value, low)
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        check_int("max_length", max_length, 2)
         for name, value in (
             ("train_size", train_size),
             ("val_size", val_size),
@@ -325,7 +333,7 @@ class RottenTomatoesDataModule(SplitDataModule):
         ):
             _check_size(name, value)
         self.save_hyperparameters()
-        self._datasets: dict[str, _EncodedSnippets] | None = None
+        self._datasets: dict[str, TokenizedTexts] | None = None
         self._pad_id = 0
 
     @override
@@ -342,15 +350,13 @@ class RottenTomatoesDataModule(SplitDataModule):
         )
         tokenizer = load_minilm_tokenizer(hp.model_path)
         self._pad_id = tokenizer.pad_token_id
-        datasets = {}
-        for name, split in (("train", train), ("val", val), ("test", test)):
-            texts = [snippet.text for snippet in split]
-            ids = []  # a size-0 split: tokenizers reject an empty list
-            if texts:
-                ids = tokenizer(texts, truncation=True, max_length=hp.max_length)["input_ids"]
-            datasets[name] = _EncodedSnippets(ids, [snippet.label for snippet in split])
-        self._datasets = datasets
+        self._datasets = {
+            name: tokenize_texts(
+                tokenizer, [s.text for s in split], [s.label for s in split], hp.max_length
+            )
+            for name, split in (("train", train), ("val", val), ("test", test))
+        }
 
     @override
     def collate_fn(self):
-        return functools.partial(_pad_collate, pad_id=self._pad_id)
+        return functools.partial(pad_collate, pad_id=self._pad_id)

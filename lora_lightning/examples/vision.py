@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from .splits import SplitDataModule, check_int
+from .splits import SplitDataModule
 
 SKLEARN_INSTALL = "pip install scikit-learn"
 
@@ -87,10 +87,11 @@ class DigitsDataModule(SplitDataModule):
         val_fraction: share of the 1,797 images held out for validation.
         test_fraction: share held out for testing.
         num_workers: DataLoader worker processes.
-        seed: fixes the split and the training shuffle order.
+        seed: fixes the split (the training shuffle follows the run's global seed).
     """
 
     num_classes = 10
+    label_names = tuple(str(digit) for digit in range(10))
 
     def __init__(
         self,
@@ -100,9 +101,7 @@ class DigitsDataModule(SplitDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            check_int(name, value, low)
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"Expected `{name}` in (0, 1) but got {value!r}.")

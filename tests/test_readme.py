@@ -1,0 +1,23 @@
+"""README.md's first code block runs as written (after `make demo`), in a fresh process."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_first_python_block_runs_as_written(tmp_path):
+    block = re.search(r"```python\n(.*?)```", README.read_text(), re.DOTALL).group(1)
+    assert "load_lora_checkpoint" in block and 'ckpt_path="last"' in block
+    script = tmp_path / "readme_block.py"
+    script.write_text(block + "\nprint('MERGED', type(model).__name__, model.training)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "MERGED ClassifierModule False" in proc.stdout
+    assert (tmp_path / "ckpts" / "last.ckpt").is_file()
+    assert "Restoring states from the checkpoint path" in proc.stderr + proc.stdout
