@@ -148,22 +148,29 @@ def verify(module: LightningModule, out_dir: str | Path, prompts: list[str],
 
 
 class LMExport(Callback):
-    """At fit end, export the merged model and the PEFT adapter to ``dirpath``.
+    """After a successful fit, export the merged model and the PEFT adapter to ``dirpath``.
 
     With ``verify=True`` the exports are reloaded and checked against the live model
     (:func:`verify`). Sizes and checks go to ``pl_module.run_results``, which the app
-    writes to ``result.json``.
+    writes to ``result.json``. The work is done in ``teardown``, after ``on_fit_end``,
+    so the copies it makes do not count in the run's peak memory (``RunRecorder``).
     """
 
     def __init__(self, dirpath: str, verify: bool = True, max_new_tokens: int = 16) -> None:
         self.dirpath = dirpath
         self.verify = verify
         self.max_new_tokens = max_new_tokens
+        self._fit_ended = False
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_rank != 0:
+        self._fit_ended = True  # not reached when fit fails: nothing half-trained is exported
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or not self._fit_ended or trainer.global_rank != 0:
             return
+        self._fit_ended = False
         result = export(pl_module, self.dirpath)
         if self.verify:
             prompts = list(pl_module.hparams.get("prompts") or [])
