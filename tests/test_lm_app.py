@@ -88,6 +88,19 @@ def test_app_run_on_a_tiny_model_records_perplexity_generations_and_exports(
     assert saved["val_ppl_after"] == result["val_ppl_after"]
 
 
+def test_lm_report_tabulates_a_run(tmp_path, tiny_lm_dir, capsys):
+    from lora_lightning.examples import lm_report
+
+    result = _run(tmp_path, tiny_lm_dir, "data=hamlet", "lora=lm_all_linear")
+    assert lm_report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| lora_all_linear | "))
+    assert f"| {result['val_ppl_before']:.2f} | {result['val_ppl_after']:.2f} |" in row
+    assert "| yes |" in row and f"{result['trainable_params']:,}" in row
+    assert out.count("| lora_all_linear | HAMLET ⏎ To be, or not to be, |") == 1
+    assert lm_report.main([str(tmp_path / "nothing")]) == 1
+
+
 def _app(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return subprocess.run([sys.executable, "-m", "lora_lightning.train", *args], cwd=cwd,
