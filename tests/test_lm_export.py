@@ -22,10 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["To be, or not", "My lord, the king"]
 
 
-def _trained(model_dir, targets) -> CausalLMModule:
+def _trained(model_dir, targets, from_object: bool = False) -> CausalLMModule:
     """A module whose adapters are random (as after training), so merging changes outputs."""
     torch.manual_seed(0)
-    module = CausalLMModule(model_path=str(model_dir), prompts=PROMPTS)
+    if from_object:
+        module = CausalLMModule(model=load_causal_lm(model_dir),
+                                tokenizer=load_lm_tokenizer(model_dir), prompts=PROMPTS)
+    else:
+        module = CausalLMModule(model_path=str(model_dir), prompts=PROMPTS)
     inject_lora(module, LoRAConfig(r=4, alpha=8, target_modules=targets))
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -128,6 +132,16 @@ def test_export_callback_writes_and_verifies_both_folders(tmp_path, tiny_lm_dir)
     assert res["export_adapter_bytes"] < res["export_merged_bytes"]
     assert (tmp_path / "export" / "merged" / "config.json").is_file()
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_export_check_of_a_module_built_from_a_model_object(tmp_path, tiny_lm_dir):
+    from lora_lightning.examples.lm_export import verify
+
+    module = _trained(tiny_lm_dir, ["q_proj", "v_proj"], from_object=True)
+    assert not module.model_from_path  # so the check cannot reload a base from model_path
+    export(module, tmp_path)
+    found = verify(module, tmp_path, PROMPTS)
+    assert found["merged_generation_equal"] and found["peft_logits_max_abs_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -87,6 +87,7 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.hparams["prompts"] = list(prompts)
         self.model = model if model is not None else load_causal_lm(model_path)
+        self.model_from_path = model is None  # the export check reloads the base from there
         self.tokenizer = tokenizer if tokenizer is not None else load_lm_tokenizer(model_path)
         if gradient_checkpointing:
             enable_checkpointing(self.model)

@@ -135,8 +135,11 @@ def verify(module: LightningModule, out_dir: str | Path, prompts: list[str],
         if (out / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 
-            base_path = module.hparams.get("model_path")
-            base = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(base_path)))
+            if getattr(module, "model_from_path", False):  # as a user would: from the files
+                path = resolve_model_path(module.hparams.get("model_path"))
+                base = AutoModelForCausalLM.from_pretrained(str(path))
+            else:  # a model passed in as an object: its base is the model without adapters
+                base = unload_lora(copy.deepcopy(model), merge=False)
             peft = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).eval()
             ids = module.prompt_ids(prompts[0] if prompts else "Hello")
             ours = model(input_ids=ids).logits
