@@ -4,27 +4,38 @@ The core (config, layers, injection, merge, checkpoints, adapter files) is plain
 the Lightning callback sits on top of it and the Hydra app on top of that.
 """
 
-from .adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from .checkpoint import (
-    AdapterLoadError,
-    CheckpointMismatchError,
-    adapter_state_dict,
-    base_fingerprint,
-    load_adapter_state_dict,
+from .adapter_io import load_adapter, load_adapters, read_adapter, save_adapter, save_adapters
+from .adapter_state import adapter_state_dict, load_adapter_state_dict
+from .adapters import (
+    active_adapters,
+    delete_adapter,
+    list_adapters,
+    per_sample_adapters,
+    set_adapter,
 )
+from .combine import combine_adapters
 from .config import LoRAConfig
 from .errors import (
+    AdapterFileError,
+    AdapterLoadError,
+    CheckpointMismatchError,
+    CheckpointReadError,
     ConfigError,
     LoRAError,
+    StateDictMismatchError,
     TargetMatchError,
     TiedWeightError,
+    UnsafeFileError,
     UnsupportedModuleError,
 )
+from .fingerprint import base_fingerprint
 from .inject import InjectionReport, inject_lora, lora_layers
-from .params import ParamCount, count_parameters
-from .plan import InjectionPlan, plan_injection
 from .layer_base import LoRALayer
 from .merge import disable_adapters, merge_lora, merged_state_dict, unload_lora, unmerge_lora
+from .params import ParamCount, count_parameters
+from .plan import InjectionPlan, plan_injection
+from .registry import AdapterNameError
+from .safe_load import read_checkpoint
 
 __version__ = "0.1.0"
 
@@ -32,8 +43,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoRACallback": "callback",
     "load_lora_checkpoint": "loading",
-    "read_checkpoint": "loading",
-    "CheckpointReadError": "loading",
 }
 
 
@@ -48,27 +57,45 @@ def __getattr__(name: str):
 __all__ = [
     "AdapterFileError",
     "AdapterLoadError",
+    "AdapterNameError",
     "CheckpointMismatchError",
     "CheckpointReadError",
+    "ConfigError",
+    "InjectionPlan",
     "InjectionReport",
     "LoRACallback",
     "LoRAConfig",
+    "LoRAError",
     "LoRALayer",
     "ParamCount",
+    "StateDictMismatchError",
+    "TargetMatchError",
+    "TiedWeightError",
+    "UnsafeFileError",
+    "UnsupportedModuleError",
+    "active_adapters",
     "adapter_state_dict",
     "base_fingerprint",
+    "combine_adapters",
     "count_parameters",
+    "delete_adapter",
     "disable_adapters",
     "inject_lora",
+    "list_adapters",
     "load_adapter",
     "load_adapter_state_dict",
+    "load_adapters",
     "load_lora_checkpoint",
     "lora_layers",
     "merge_lora",
     "merged_state_dict",
+    "per_sample_adapters",
+    "plan_injection",
     "read_adapter",
     "read_checkpoint",
     "save_adapter",
+    "save_adapters",
+    "set_adapter",
     "unload_lora",
     "unmerge_lora",
 ]

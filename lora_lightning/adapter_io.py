@@ -1,274 +1,147 @@
-"""Adapter directories in PEFT's on-disk format.
+"""Adapter directories in PEFT's on-disk format: save, read, load into a model.
 
-A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's key
-names (``base_model.model.<module>.lora_A.weight`` ...), so an adapter trained here loads
-with ``PeftModel.from_pretrained`` and a PEFT adapter loads here. Files are written to a
-temporary name and renamed, so a crash mid-save never leaves a half-written adapter.
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (key names and
+fields translated by :mod:`lora_lightning.peft_format`), so an adapter trained here loads
+with ``PeftModel.from_pretrained`` and a PEFT adapter loads here. Both files are written
+through :mod:`lora_lightning.atomic`, so a crash mid-save never leaves a half-written
+adapter. Only safetensors weights are read by default.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor, nn
 
 import torch
+from torch import Tensor, nn
 
-from .checkpoint import AdapterLoadError, adapter_keys, adapter_state_dict, load_adapter_state_dict
+from .adapter_state import adapter_keys, adapter_state_dict, load_adapter_state_dict
+from .adapters import activate, delete_adapter
+from .atomic import write_files
 from .config import LoRAConfig
-from .inject import find_config, inject_lora, lora_layers
-from .layer_base import LoRALayer
-from .layers import LoRAEmbedding
-from .layers_mha import LoRAMultiheadAttention
+from .errors import AdapterFileError, AdapterLoadError
+from .inject import inject_lora
+from .layer_base import DEFAULT_ADAPTER, LoRALayer
 from .merge import unload_lora
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
-# PEFT features this package does not implement: loading them would silently differ.
-_UNSUPPORTED = (
-    "layers_to_transform", "layers_pattern", "lora_bias", "target_parameters", "use_qalora",
-    "alora_invocation_tokens", "trainable_token_indices", "layer_replication",
-    "megatron_config", "use_bdlora",
+from .peft_format import CONFIG_NAME, from_peft_config, from_peft_keys, to_peft_config, to_peft_keys
+from .registry import (
+    AdapterNameError,
+    check_name,
+    current_adapter,
+    find_config,
+    find_registry,
+    known,
+    lora_layers,
+    lora_param_keys,
 )
+from .safe_load import READ_ERRORS, torch_load
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
-class AdapterFileError(ValueError):
-    """An adapter directory is missing, unreadable or not a LoRA adapter we support."""
-
-
-# -- key translation ------------------------------------------------------------------
-def _mha_out_projs(layers: dict[str, LoRALayer]) -> set[str]:
-    """Names of out_proj layers adapted as part of their nn.MultiheadAttention."""
-    return {f"{n}.out_proj" for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)}
-
-
-def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our adapter keys -> PEFT's file keys."""
-    layers = lora_layers(model)
-    mha_out = _mha_out_projs(layers)
-    out = {}
-    for key, value in state_dict.items():
-        owner, _, leaf = key.rpartition(".")
-        layer = layers.get(owner)
-        if owner in mha_out:  # PEFT wraps MHA, so its out_proj sits under base_layer
-            mha, _, child = owner.rpartition(".")
-            owner = f"{mha}.base_layer.{child}"
-        if layer is None:
-            new = key
-        elif leaf in ("lora_A", "lora_B"):
-            emb = isinstance(layer, LoRAEmbedding)
-            new = f"{owner}.lora_embedding_{leaf[-1]}" if emb else f"{owner}.{leaf}.weight"
-        elif leaf == "lora_magnitude":
-            new = f"{owner}.lora_magnitude_vector"
-        else:
-            new = f"{owner}.base_layer.{leaf}"
-        out[_PREFIX + new] = value
-    return out
-
-
-_FROM_PEFT = [
-    (re.compile(r"\.lora_([AB])\.weight$"), r".lora_\1"),
-    (re.compile(r"\.lora_embedding_([AB])$"), r".lora_\1"),
-    (re.compile(r"\.lora_magnitude_vector$"), ".lora_magnitude"),
-    (re.compile(r"\.base_layer\."), "."),
-]
-
-
-def from_peft_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """PEFT's file keys -> our adapter keys."""
-    out = {}
-    for key, value in state_dict.items():
-        new = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        for pattern, repl in _FROM_PEFT:
-            new = pattern.sub(repl, new)
-        out[new] = value
-    return out
-
-
-# -- config translation ---------------------------------------------------------------
-def to_peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
-    """A PEFT ``LoraConfig`` dict naming exactly the modules that carry adapters (as a
-    full-match regex, so that no other module with the same name suffix is adapted)."""
-    layers = lora_layers(model)
-    for name in _mha_out_projs(layers):  # PEFT adapts it as part of the attention module
-        layers.pop(name, None)
-    # Exact names only: a list would also match dotted suffixes ("lin" -> "block.lin"), and
-    # both PEFT and we match rank/alpha keys against suffixes too, hence the "^" anchor.
-    exact = {n: "^" + re.escape(n) for n in layers}
-    rank_pattern = {exact[n]: m.r for n, m in layers.items() if m.r != config.r}
-    alpha_pattern = {
-        exact[n]: m.lora_alpha for n, m in layers.items() if m.lora_alpha != config.alpha
-    }
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": "|".join(re.escape(n) for n in sorted(layers)),
-        "exclude_modules": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-        "bias": config.bias,
-        "modules_to_save": config.modules_to_save,
-        "fan_in_fan_out": any(type(m)._lora_base_class.__name__ == "Conv1D"
-                              for m in layers.values()),
-        "lora_lightning": config.to_dict(),
-    }
-
-
-def from_peft_config(data: dict[str, Any], source: str = CONFIG_NAME) -> LoRAConfig:
-    """Build a :class:`LoRAConfig` from a PEFT ``adapter_config.json`` dict."""
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{source}: expected a JSON object, got {type(data).__name__}.")
-    if data.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(
-            f"{source}: peft_type is {data.get('peft_type')!r}; only 'LORA' adapters load here."
-        )
-    for key in _UNSUPPORTED:
-        if data.get(key):
-            raise AdapterFileError(
-                f"{source}: field {key!r} is {data[key]!r}, a PEFT feature lora-lightning does "
-                "not implement; load this adapter with PEFT instead."
-            )
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in data:
-            raise AdapterFileError(f"{source}: required field {key!r} is missing.")
-    init = data.get("init_lora_weights", True)
-    try:
-        return LoRAConfig(
-            r=data["r"],
-            alpha=data["lora_alpha"],
-            dropout=data.get("lora_dropout", 0.0) or 0.0,
-            target_modules=data["target_modules"],
-            exclude_modules=data.get("exclude_modules"),
-            rank_pattern=data.get("rank_pattern") or {},
-            alpha_pattern=data.get("alpha_pattern") or {},
-            use_rslora=bool(data.get("use_rslora", False)),
-            use_dora=bool(data.get("use_dora", False)),
-            init="gaussian" if init == "gaussian" else "kaiming",
-            bias=data.get("bias", "none"),
-            modules_to_save=data.get("modules_to_save"),
-        )
-    except (TypeError, ValueError) as err:
-        raise AdapterFileError(f"{source}: invalid LoRA settings: {err}") from err
-
-
-# -- files ----------------------------------------------------------------------------
-def _stage(path: Path, write) -> Path:
-    """Write ``path``'s new content to a temporary file beside it (fsynced); return its name.
-
-    A failed write removes the temporary file and raises ``OSError`` naming ``path``.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        # safetensors reports I/O failures as its own SafetensorError, without the file name
-        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
-            raise _write_error(path, err) from err
-        raise
-    return Path(tmp)
-
-
-def _write_error(path: Path, err: BaseException) -> OSError:
-    unchanged = f"save_adapter wrote nothing; the adapter in {path.parent} is unchanged"
-    if isinstance(err, OSError) and err.errno is not None:
-        return OSError(err.errno, f"{err.strerror}; {unchanged}", str(path))
-    return OSError(f"{path}: could not be written ({type(err).__name__}: {err}); {unchanged}.")
-
-
-def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None
-                 ) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None,
+                 adapter: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``.
 
+    ``adapter`` names which adapter to write (default: the active one, or the only one).
     Both files are written to temporary names first and renamed only once both are
     complete, so a crash or a full disk mid-save leaves the previous adapter loadable.
     """
     from safetensors.torch import save_file
 
-    config = config or find_config(model)
+    if adapter is not None:
+        known(model, adapter)
+    name = adapter or current_adapter(model)
+    config = config or find_config(model, name)
     if config is None or not lora_layers(model):
         raise ValueError(
             "save_adapter: the model has no LoRA layers; call inject_lora(model, config) first."
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    single = len(find_registry(model).configs) == 1 and adapter is None
+    state = adapter_state_dict(model, None if single else name)
     tensors = {
         k: v.detach().cpu().contiguous().clone()
-        for k, v in to_peft_keys(model, adapter_state_dict(model)).items()
+        for k, v in to_peft_keys(model, state, name).items()
     }
-    text = json.dumps(to_peft_config(model, config), indent=2, sort_keys=True)
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p)),
-                            (CONFIG_NAME, lambda p: Path(p).write_text(text))):
-            staged.append((_stage(directory / name, write), directory / name))
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+    text = json.dumps(to_peft_config(model, config, name), indent=2, sort_keys=True)
+    write_files([(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p))),
+                 (directory / CONFIG_NAME, lambda p: Path(p).write_text(text))],
+                f"save_adapter wrote nothing; the adapter in {directory} is unchanged")
     return directory
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Tensor]]:
+def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
+                 adapter: str = DEFAULT_ADAPTER) -> tuple[LoRAConfig, dict[str, Tensor]]:
     """Read an adapter directory into a config and a state dict with our key names.
 
-    Each problem is reported once, naming the file and what is wrong with it.
+    Weights are read from ``adapter_model.safetensors``. A directory with only PEFT's older
+    pickled ``adapter_model.bin`` needs ``trusted=True`` (a pickle can run code). Each
+    problem is reported once, naming the file and what is wrong with it.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterFileError(f"adapter directory {str(directory)!r} does not exist.")
-    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        raise AdapterFileError(f"adapter directory {str(directory)!r} does not exist.",
+                               str(directory))
+    cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
-        raise AdapterFileError(f"{cfg_path}: missing; an adapter directory needs {CONFIG_NAME}.")
+        raise AdapterFileError(f"{cfg_path}: missing; an adapter directory needs {CONFIG_NAME}.",
+                               str(cfg_path))
     try:
         data = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).") from err
+        raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).", str(cfg_path)) from err
     data.pop("lora_lightning", None) if isinstance(data, dict) else None
     config = from_peft_config(data, str(cfg_path))
-    if not weights_path.is_file():
-        raise AdapterFileError(f"{weights_path}: missing; the adapter has no weights file.")
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types on corrupt files
+    return config, from_peft_keys(_read_weights(directory, trusted), adapter)
+
+
+def _read_weights(directory: Path, trusted: bool) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    weights_path, pickled = directory / WEIGHTS_NAME, directory / PICKLED_WEIGHTS_NAME
+    if weights_path.is_file():
+        try:
+            return load_file(str(weights_path))
+        except Exception as err:  # safetensors raises its own error types on corrupt files
+            raise AdapterFileError(
+                f"{weights_path}: unreadable safetensors file (truncated or corrupted?): {err}",
+                str(weights_path)) from err
+    if not pickled.is_file():
+        raise AdapterFileError(f"{weights_path}: missing; the adapter has no weights file.",
+                               str(weights_path))
+    if not trusted:
         raise AdapterFileError(
-            f"{weights_path}: unreadable safetensors file (truncated or corrupted?): {err}"
-        ) from err
-    return config, from_peft_keys(tensors)
+            f"{pickled}: a pickled adapter (PEFT's older format), which can run code when "
+            f"loaded; only {WEIGHTS_NAME} is read by default. Pass trusted=True to "
+            "load_adapter/read_adapter if you trust who made it, or convert it to safetensors "
+            "where you do.", str(pickled))
+    try:
+        tensors = torch_load(pickled, "cpu", trusted=True, what="adapter")
+    except READ_ERRORS as err:
+        raise AdapterFileError(f"{pickled}: unreadable ({type(err).__name__}: {err}).",
+                               str(pickled)) from err
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise AdapterFileError(f"{pickled}: holds a {type(tensors).__name__}, not a mapping of "
+                               "tensors.", str(pickled))
+    return tensors
 
 
 BASE_WEIGHT_RULES = ("check", "apply")
 
 
 def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
-                  source: str) -> dict[str, Tensor]:
+                  source: str, adapter: str | None = None) -> dict[str, Tensor]:
     """Take out of ``state`` the frozen base weights of adapted layers that PEFT saves
     (``embed_tokens.base_layer.weight`` under ``save_embedding_layers="auto"``).
 
     ``"check"``: each must equal the model's own, else the load is refused naming the key.
     ``"apply"``: they are returned, to be copied into the base once the adapter fits.
     """
-    trained = set(adapter_keys(model))
+    trained = set(adapter_keys(model, adapter)) | lora_param_keys(model)
     params = dict(model.named_parameters())
     base_keys = {f"{n}.{leaf}" for n, m in lora_layers(model).items()
                  for leaf, _ in m.named_parameters(recurse=False)} - trained
@@ -289,36 +162,90 @@ def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
-                 base_weights: str = "check") -> nn.Module:
+                 base_weights: str = "check", *, trusted: bool = False,
+                 adapter: str | None = None, replace: bool = False) -> nn.Module:
     """Load a PEFT-format adapter into ``model``, injecting LoRA first if needed.
 
-    If ``model`` already carries adapters, their layout must match the file's. Nothing is
-    written to the model unless the whole adapter fits. Base weights that PEFT saves beside
+    Without ``adapter``, a model that already carries adapters must match the file's
+    layout (its values are replaced). With ``adapter="name"``, the file becomes that
+    adapter: a new one is added beside the others (they stay as they are and stay active;
+    switch with ``set_adapter``); a name the model already holds is refused unless
+    ``replace=True``, which loads the file's values into it. The base weights
+    are never touched. Nothing is written to the model unless the whole adapter fits. Base weights that PEFT saves beside
     the adapter (embedding layers) are checked against the model's (``base_weights="check"``,
     a difference is refused) or copied into it (``"apply"``).
     """
     if base_weights not in BASE_WEIGHT_RULES:
         raise ValueError(f"load_adapter.base_weights: got {base_weights!r}; expected one of "
                          f"{list(BASE_WEIGHT_RULES)}.")
-    config, state = read_adapter(directory)
+    name = check_name(adapter) if adapter is not None else DEFAULT_ADAPTER
+    config, state = read_adapter(directory, trusted=trusted, adapter=name)
     source = str(Path(directory) / WEIGHTS_NAME)
-    if any(isinstance(m, LoRALayer) for m in model.modules()):
-        base = _base_weights(model, state, base_weights, source)
-        load_adapter_state_dict(model, state)
+    reg = find_registry(model)
+    exists = adapter is not None and reg is not None and name in reg.configs
+    if exists and not replace:
+        raise AdapterNameError(name, list(reg.configs), (
+            f"the model already holds adapter {name!r}; pass replace=True to load "
+            f"{directory} into it, or choose another name"))
+    into_existing = exists or (
+        adapter is None and any(isinstance(m, LoRALayer) for m in model.modules()))
+    if into_existing:
+        base = _base_weights(model, state, base_weights, source, adapter)
+        load_adapter_state_dict(model, state, adapter)
         _copy_base(model, base)
         return model
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    inject_lora(model, config)
+    previous = list(reg.active) if reg is not None and reg.configs else None
+    inject_lora(model, config, name)
     try:
-        base = _base_weights(model, state, base_weights, source)
-        load_adapter_state_dict(model, state)
+        _check_ranks_fit(model, name, str(Path(directory) / CONFIG_NAME))
+        base = _base_weights(model, state, base_weights, source, adapter)
+        load_adapter_state_dict(model, state, adapter)
         _copy_base(model, base)
     except Exception:
-        unload_lora(model, merge=False)  # leave the model as it was
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        if previous is None:
+            unload_lora(model, merge=False)  # leave the model as it was
+        else:
+            delete_adapter(model, name)
+            activate(model, previous)
+        _restore_flags(model, flags)
         raise
+    if previous is not None:  # loading adds an adapter; it does not switch to it
+        activate(model, previous)
+        _restore_flags(model, flags)
     return model
+
+
+def _restore_flags(model: nn.Module, flags: dict[int, bool]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flags.get(id(p), False))
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Save every adapter in PEFT's multi-adapter layout: ``default`` in ``directory``,
+    each other adapter in ``directory/<name>``. Returns the names saved."""
+    names = list(find_registry(model).configs) if find_registry(model) else []
+    if not names:
+        raise ValueError("save_adapters: the model has no adapters; call inject_lora first.")
+    for name in names:
+        target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+        save_adapter(model, target, adapter=name)
+    return names
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike, **kwargs) -> list[str]:
+    """Load PEFT's multi-adapter layout (see :func:`save_adapters`): the adapter at the top
+    as ``default``, each subfolder holding an ``adapter_config.json`` under its name.
+    Keyword arguments go to :func:`load_adapter`. Returns the names loaded."""
+    directory = Path(directory)
+    found = ([(DEFAULT_ADAPTER, directory)] if (directory / CONFIG_NAME).is_file() else []) + [
+        (sub.name, sub) for sub in sorted(directory.iterdir()) if (sub / CONFIG_NAME).is_file()]
+    if not found:
+        raise AdapterFileError(f"{directory}: no {CONFIG_NAME} at the top or in a subfolder; "
+                               "not an adapter directory.", str(directory))
+    for name, path in found:
+        load_adapter(model, path, adapter=name, **kwargs)
+    return [n for n, _ in found]
 
 
 def _copy_base(model: nn.Module, base: dict[str, Tensor]) -> None:
@@ -331,3 +258,17 @@ def _copy_base(model: nn.Module, base: dict[str, Tensor]) -> None:
                     f"the model's has {tuple(params[key].shape)}; resize the model first."
                 )
             params[key].copy_(value)
+
+
+def _check_ranks_fit(model: nn.Module, adapter: str, source: str) -> None:
+    """Refuse a rank larger than the layer it adapts (``r`` > min(d, k) adds nothing)."""
+    for name, layer in lora_layers(model).items():
+        if adapter not in layer.lora_specs:
+            continue
+        a, b = layer._ab(adapter)
+        r, most = layer.lora_specs[adapter].r, min(a[0].numel(), b.shape[0])
+        if r > most:
+            raise AdapterFileError(
+                f"{source}: field 'r' (or a rank_pattern entry) gives {name!r} rank "
+                f"{r}, larger than the layer allows (at most {most}, the smaller of its "
+                "input and output sizes); use a rank <= that.", source, "r")

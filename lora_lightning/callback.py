@@ -27,6 +27,7 @@ model, then ``configure_optimizers``) → ``on_fit_start`` → optimizer restore
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .adapter_io import save_adapter
-from .checkpoint import SAVE_MODES
+from .atomic import write_file
 from .checkpoint_io import harden_checkpoint_io
+from .ckpt_meta import SAVE_MODES
 from .config import LoRAConfig
+from .errors import TargetMatchError
 from .inject import InjectionReport, inject_lora
+from .layer_base import DEFAULT_ADAPTER
 from .merge import merged_state_dict
-from .module_hooks import configure_model_then_inject, load_hook, save_hook, wrap_hook
-from .summary import hparams_for, metrics_for, summary_table
+from .module_hooks import HookState, configure_model_then_inject, load_hook, save_hook, wrap_hook
+from .registry import check_name
+from .summary import hparams_for, metrics_for, module_hparams, summary_table
+
+_UNSET: Any = object()
 
 
 class LoRACallback(Callback):
@@ -51,14 +58,19 @@ class LoRACallback(Callback):
 
     Args:
         config: a :class:`LoRAConfig`, or a mapping of its fields.
-        save: ``"adapter"`` (default) stores only trained tensors and buffers in
+        save_mode: ``"adapter"`` (default) stores only trained tensors and buffers in
             ``checkpoint["state_dict"]``, plus metadata; ``"full"`` keeps every weight.
+            (``save=`` is the old, deprecated spelling.)
         export_adapter_dir: if set, save the adapter there (PEFT format) at fit end.
         export_merged_path: if set, ``torch.save`` a merged plain state dict there at fit
             end; it loads into the un-injected LightningModule with ``strict=True``.
         check_optimizer: at train start, fail if a trainable adapter tensor is in no
             optimizer.
         verbose: print the summary table at fit start (global rank zero only).
+        adapter: train a named adapter on a model that may already carry others: they stay
+            frozen and inactive, and checkpoints and exports hold only this adapter (and
+            its own ``modules_to_save``). ``None`` (the default) trains the ``"default"``
+            adapter and saves every trained tensor, as before named adapters existed.
 
     Example::
 
@@ -69,12 +81,19 @@ class LoRACallback(Callback):
     def __init__(
         self,
         config: LoRAConfig | Mapping[str, Any],
-        save: str = "adapter",
+        save_mode: str = "adapter",
         export_adapter_dir: str | None = None,
         export_merged_path: str | None = None,
         check_optimizer: bool = True,
         verbose: bool = True,
+        save: Any = _UNSET,
+        adapter: str | None = None,
     ) -> None:
+        argument = "save_mode"
+        if save is not _UNSET:
+            warnings.warn("LoRACallback(save=...) is deprecated; use save_mode=... (same "
+                          "values).", DeprecationWarning, stacklevel=2)
+            save_mode, argument = save, "save"
         if isinstance(config, Mapping):
             config = LoRAConfig.from_dict(dict(config))
         if not isinstance(config, LoRAConfig):
@@ -82,18 +101,26 @@ class LoRACallback(Callback):
                 f"LoRACallback.config: expected a LoRAConfig or a mapping of its fields, got "
                 f"{type(config).__name__}."
             )
-        if save not in SAVE_MODES:
-            raise ValueError(f"LoRACallback.save: got {save!r}; expected one of {list(SAVE_MODES)}.")
+        if save_mode not in SAVE_MODES:
+            raise ValueError(f"LoRACallback.{argument}: got {save_mode!r}; expected one of "
+                             f"{list(SAVE_MODES)}.")
         self.config = config
-        self.save = save
+        self.save_mode = save_mode
+        self.adapter = None if adapter is None else check_name(adapter)
+        self.hook_state = HookState(config, save_mode, adapter=self.adapter)
         self.export_adapter_dir = export_adapter_dir
         self.export_merged_path = export_merged_path
         self.check_optimizer = check_optimizer
         self.verbose = verbose
         self.report: InjectionReport | None = None
-        self.reconciled_keys = 0
-        self.dropped_optimizer_state = False
         self._printed = False
+
+    @property
+    def save(self) -> str:
+        """Deprecated spelling of :attr:`save_mode`."""
+        warnings.warn("LoRACallback.save is deprecated; use save_mode.", DeprecationWarning,
+                      stacklevel=2)
+        return self.save_mode
 
     # -- injection ---------------------------------------------------------------------
     @override
@@ -101,26 +128,24 @@ class LoRACallback(Callback):
         harden_checkpoint_io(trainer)
         if "configure_model" not in pl_module.__dict__:
             pl_module.configure_model = functools.partial(
-                configure_model_then_inject, self, pl_module, stage
+                configure_model_then_inject, self.inject, pl_module, stage
             )
 
     def inject(self, pl_module: LightningModule, where: str = "setup") -> InjectionReport:
         """Inject into ``pl_module`` now (idempotent) and install the checkpoint hooks."""
         try:
-            report = inject_lora(pl_module, self.config)
-        except ValueError as err:
-            if "matches no module" not in str(err):
-                raise
-            raise ValueError(
-                f"LoRACallback: {err} The LightningModule {type(pl_module).__name__} was "
-                f"inspected {where}, after its __init__, setup() and configure_model(); build "
-                "the model in one of those, or fix target_modules."
+            report = inject_lora(pl_module, self.config, self.adapter or DEFAULT_ADAPTER)
+        except TargetMatchError as err:
+            raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
+                f"{err.allowed}. LoRACallback: the LightningModule {type(pl_module).__name__} "
+                f"was inspected {where}, after its __init__, setup() and configure_model(); "
+                "build the model in one of those, or fix the config")
             ) from err
         if self.report is None or report.injected:
             self.report = report  # counted here, before any strategy shards parameters
         _enable_input_grads_for_checkpointing(pl_module)
-        wrap_hook(pl_module, "on_save_checkpoint", save_hook, self)
-        wrap_hook(pl_module, "on_load_checkpoint", load_hook, self)
+        wrap_hook(pl_module, "on_save_checkpoint", save_hook, self.hook_state)
+        wrap_hook(pl_module, "on_load_checkpoint", load_hook, self.hook_state)
         return report
 
     # -- reporting ---------------------------------------------------------------------
@@ -135,7 +160,7 @@ class LoRACallback(Callback):
         # Lightning logs the module's hparams right after this hook. TensorBoard shows only
         # a run's first hparams record and writes hparams.yaml once, so ours must come first
         # and already hold the module's and datamodule's hparams.
-        params = _lightning_hparams(trainer, pl_module)
+        params = module_hparams(trainer, pl_module)
         params.update(hparams_for(self.config, self.report))
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
@@ -156,20 +181,21 @@ class LoRACallback(Callback):
         if trainer.global_rank != 0:
             return
         if self.export_adapter_dir:
-            path = save_adapter(pl_module, self.export_adapter_dir, self.config)
+            path = save_adapter(pl_module, self.export_adapter_dir, self.config, self.adapter)
             rank_zero_info(f"LoRA: adapter saved to {path} (PEFT format)")
         if self.export_merged_path:
             path = Path(self.export_merged_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(merged_state_dict(pl_module), tmp)
-            tmp.replace(path)
+            state = merged_state_dict(pl_module)
+            write_file(path, lambda tmp: torch.save(state, tmp),
+                       "the merged weights were not exported; any previous file is unchanged")
             rank_zero_info(f"LoRA: merged weights saved to {path}")
 
     # -- checkpoint state --------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "save": self.save}
+        return {"config": self.config.to_dict(), "save_mode": self.save_mode,
+                "adapter": self.adapter}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -188,27 +214,16 @@ class LoRACallback(Callback):
         self._report_reconciled()
 
     def _report_reconciled(self) -> None:
-        if self.reconciled_keys:
+        state = self.hook_state
+        if state.reconciled_keys:
             rank_zero_info(
                 f"LoRA: the checkpoint had no adapter weights; reconciled "
-                f"{self.reconciled_keys} adapter key(s), which keep their fresh initialisation."
+                f"{state.reconciled_keys} adapter key(s), which keep their fresh initialisation."
                 + (" Its optimizer and LR-scheduler states (of the base run's parameters) were "
-                   "not restored; they start fresh." if self.dropped_optimizer_state else "")
+                   "not restored; they start fresh." if state.dropped_optimizer_state else "")
             )
-            self.reconciled_keys = 0
-            self.dropped_optimizer_state = False
-
-
-def _lightning_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """The hparams Lightning itself logs at fit start: the module's, then the datamodule's."""
-    params: dict[str, Any] = {}
-    if pl_module._log_hyperparams:
-        params.update(pl_module.hparams_initial)
-    datamodule = trainer.datamodule
-    if datamodule is not None and datamodule._log_hyperparams:
-        params.update(datamodule.hparams_initial)
-    params.pop("_class_path", None)
-    return params
+            state.reconciled_keys = 0
+            state.dropped_optimizer_state = False
 
 
 def _check_optimizers(trainer: Trainer, pl_module: LightningModule) -> None:

@@ -78,3 +78,67 @@ class TiedWeightError(LoRAError, ValueError):
             f"cannot merge the adapter of {name!r}: its weight is tied to {shared_with} "
             f"(the same tensor), so merging would silently change those modules too. {hint}"
         )
+
+
+class AdapterLoadError(LoRAError, ValueError):
+    """An adapter state dict or checkpoint does not fit the model it is loaded into."""
+
+
+class StateDictMismatchError(AdapterLoadError, RuntimeError):
+    """A checkpoint's state dict does not fit the model; refused before anything is copied.
+
+    Also a ``RuntimeError``, the type torch's strict ``load_state_dict`` raises for the same
+    problems (after copying every tensor that did fit).
+    """
+
+
+class CheckpointMismatchError(LoRAError, ValueError):
+    """A checkpoint was made for another rank, target set or base model."""
+
+
+class AdapterFileError(LoRAError, ValueError):
+    """An adapter directory is missing, unreadable or not a LoRA adapter we support.
+
+    Attributes:
+        path: the file or directory at fault.
+        field: the ``adapter_config.json`` field at fault, if one is (else ``None``).
+    """
+
+    def __init__(self, message: str, path: str | None = None, field: str | None = None) -> None:
+        self.path, self.field = path, field
+        super().__init__(message)
+
+
+class CheckpointReadError(LoRAError, ValueError):
+    """A checkpoint file is missing, truncated or not a checkpoint.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class UnsafeFileError(CheckpointReadError):
+    """A file would run code or build objects beyond tensors and plain data when loaded.
+
+    Raised before anything in the file is unpickled, so nothing in it runs.
+
+    Attributes:
+        path: the file.
+        refused: the pickled globals (``module.name``) that are not on the allow-list.
+    """
+
+    def __init__(self, path: str, refused: list[str], what: str = "checkpoint") -> None:
+        self.refused = list(refused)
+        shown = ", ".join(self.refused[:8]) + (" ..." if len(self.refused) > 8 else "")
+        super().__init__(
+            f"{what} {path!r} was not loaded: it pickles {shown}, which loading with "
+            "torch.load(weights_only=True) does not allow, and unpickling it could run code. "
+            "Load only files you trust that way: pass trusted=True (for example "
+            "load_lora_checkpoint(..., trusted=True), or trainer.fit(..., weights_only=False)) "
+            "if you made this file yourself or trust who did.",
+            path,
+        )

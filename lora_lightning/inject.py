@@ -15,13 +15,22 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .adapters import activate, assign_heads
 from .config import LoRAConfig
-from .layer_base import LoRALayer
+from .layer_base import DEFAULT_ADAPTER, LoRALayer
 from .layers_mha import block_fast_paths
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, Skipped, plan_injection
+from .registry import (
+    REGISTRY_ATTR,
+    AdapterRegistry,
+    check_name,
+    find_config,
+    lora_layers,
+    lora_param_keys,
+)
 
-CONFIG_ATTR = "_lora_config"
+__all__ = ["InjectionReport", "find_config", "inject_lora", "lora_layers", "lora_param_keys"]
 
 
 @dataclass
@@ -41,32 +50,12 @@ class InjectionReport:
     """Modules a target rule reached that got no adapter, each with the reason."""
     saved: list[str] = field(default_factory=list)
     """``modules_to_save``: trained fully."""
+    adapter: str = DEFAULT_ADAPTER
+    """The adapter this call injected (and made the active, trainable one)."""
 
     @property
     def targets(self) -> list[str]:
         return sorted(self.ranks)
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    """Every LoRA layer in ``model`` by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
-
-
-def lora_param_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of every adapter tensor (``lora_A``, ``lora_B``, ``lora_magnitude``)."""
-    return {
-        f"{name}.{p}" for name, layer in lora_layers(model).items()
-        for p in layer.adapter_param_names()
-    }
-
-
-def find_config(model: nn.Module) -> LoRAConfig | None:
-    """The config ``inject_lora`` stored on ``model`` or on one of its submodules."""
-    for m in model.modules():
-        cfg = m.__dict__.get(CONFIG_ATTR)
-        if cfg is not None:
-            return cfg
-    return None
 
 
 def _is_bias(name: str) -> bool:
@@ -74,12 +63,16 @@ def _is_bias(name: str) -> bool:
     return leaf == "bias" or leaf.endswith("_bias")  # MultiheadAttention's in_proj_bias
 
 
-def _freeze(model: nn.Module, plan: InjectionPlan) -> None:
+def _freeze(model: nn.Module, plan: InjectionPlan, adapter: str) -> None:
+    """Only ``adapter``'s tensors, its biases and its ``modules_to_save`` train; every
+    other adapter stays frozen."""
     config = plan.config
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
-        for n in layer.adapter_param_names():
+        if adapter not in layer.lora_specs:
+            continue
+        for n in layer.adapter_param_names(adapter):
             getattr(layer, n).requires_grad_(True)
         bias = getattr(layer, "bias", None)
         if config.bias == "lora_only" and bias is not None:
@@ -92,13 +85,18 @@ def _freeze(model: nn.Module, plan: InjectionPlan) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> InjectionReport:
-    """Add LoRA adapters to ``model`` in place and freeze the rest.
+def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER
+                ) -> InjectionReport:
+    """Add the LoRA adapter ``adapter`` to ``model`` in place, make it the active one and
+    freeze everything else (other adapters included).
 
-    Returns an :class:`InjectionReport`. Idempotent: modules that already carry an
-    adapter are left as they are. A module already adapted with a different rank or
-    alpha is an error (call :func:`unload_lora` first). Every check runs before the first
-    module is changed, so a refused config leaves the model as it was.
+    Returns an :class:`InjectionReport`. Idempotent: calling it again with the same name
+    and config changes nothing and never resets trained adapters. Another name adds a
+    second set of A/B (with its own rank, alpha, targets, dropout and DoRA) to the same
+    base; switch with :func:`~lora_lightning.adapters.set_adapter`. The same name with
+    another config is an error (call :func:`~lora_lightning.adapters.delete_adapter`
+    first). Every check runs before the first module is changed, so a refused config
+    leaves the model as it was.
 
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> rep = inject_lora(net, LoRAConfig(r=2, target_modules=["0"]))
@@ -107,28 +105,40 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> InjectionReport:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject_lora: expected a LoRAConfig, got {type(config).__name__}.")
-    existing = model.__dict__.get(CONFIG_ATTR)
+    check_name(adapter)
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    existing = reg.configs.get(adapter) if reg else None
     if existing is not None and existing != config:
         raise ValueError(
-            "inject_lora: this model was already injected with a different config "
-            f"({existing}); got {config}. Call unload_lora(model) first to change it."
+            f"inject_lora: this model was already injected with a different config for "
+            f"adapter {adapter!r} ({existing}); got {config}. Call unload_lora(model) or "
+            "delete_adapter(model, name) first to change it, or use another adapter name."
         )
-    plan = plan_injection(model, config)
+    plan = plan_injection(model, config, adapter)
+    if any(model.get_submodule(n).merged for n in plan.new
+           if isinstance(model.get_submodule(n), LoRALayer)):
+        raise RuntimeError(f"inject_lora: cannot add adapter {adapter!r} while layers are "
+                           "merged; call unmerge_lora(model) first.")
     for name, planned in plan.new.items():
         module = model.get_submodule(name)
-        module.__class__ = planned.lora_class
-        module._lora_setup(planned.r, planned.alpha, planned.scaling, config.dropout,
+        if not isinstance(module, LoRALayer):
+            module.__class__ = planned.lora_class
+            module._lora_setup()
+        module.add_adapter(adapter, planned.r, planned.alpha, planned.scaling, config.dropout,
                            config.init, config.use_dora)
-    model.__dict__[CONFIG_ATTR] = config
-    _freeze(model, plan)
+    model.__dict__.setdefault(REGISTRY_ATTR, AdapterRegistry()).configs[adapter] = config
+    assign_heads(model, adapter, plan.saved)
+    activate(model, [adapter])
+    _freeze(model, plan, adapter)
     block_fast_paths(model)
-    layers = lora_layers(model)
+    layers = {n: m for n, m in lora_layers(model).items() if adapter in m.lora_specs}
     return InjectionReport(
         injected=list(plan.new),
         already_injected=list(plan.existing),
         by_type=dict(Counter(type(m)._lora_base_class.__name__ for m in layers.values())),
-        ranks={n: m.r for n, m in layers.items()},
+        ranks={n: m.lora_specs[adapter].r for n, m in layers.items()},
         params=count_parameters(model),
         skipped=plan.skipped,
         saved=plan.saved,
+        adapter=adapter,
     )

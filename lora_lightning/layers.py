@@ -45,6 +45,10 @@ __all__ = ["ADAPTER_PARAM_NAMES", "LoRALayer", "LoRALinear", "LoRAConv1d", "LoRA
            "LoRAEmbedding", "lora_type_for", "hf_conv1d_type"]
 
 
+_FOLD_ROWS = 64
+"""Rows from which an unmerged forward without autograd folds the update into the weight."""
+
+
 class _MatmulLoRA(LoRALayer):
     """Fused forward for layers whose base op is a matmul (Linear, HF Conv1D).
 
@@ -59,18 +63,51 @@ class _MatmulLoRA(LoRALayer):
     def _base_2d(self, x2: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _mixed_folded(self, x: Tensor) -> Tensor:
+        """A mixed batch without autograd: each group of samples goes through its own
+        folded weight W + scale·B·A, the others through W; one matmul per group."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        out = None
+        for name, idx in self.lora_groups:
+            y = F.linear(x.index_select(0, idx), self._combined([name]).to(x.dtype), bias)
+            out = x.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out.index_copy_(0, idx, y)
+            covered[idx] = True
+        rest = (~covered).nonzero().squeeze(1)
+        if rest.numel():
+            y = self._lora_base_class.forward(self, x.index_select(0, rest))
+            out = x.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out.index_copy_(0, rest, y)
+        return out
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.merged or self.lora_disabled or self.use_dora or x.is_nested:
+        if (self.lora_groups and not torch.is_grad_enabled() and not x.is_nested
+                and not self.merged_adapters and not self.lora_disabled
+                and not any(self.lora_specs[n].use_dora for n, _ in self.lora_groups)):
+            return self._mixed_folded(x)
+        names = self._pending()
+        if (len(names) != 1 or self.lora_groups is not None or x.is_nested
+                or self.lora_specs[names[0]].use_dora):
             return LoRALayer.forward(self, x, *args, **kwargs)
+        spec = self.lora_specs[names[0]]
+        lora_a, lora_b = self._ab(names[0])
         x2 = x.reshape(-1, x.shape[-1])
+        if not torch.is_grad_enabled() and x2.shape[0] >= _FOLD_ROWS and not (
+                spec.dropout > 0.0 and self.training):
+            # Without autograd, W + scale·B·A costs d·k·r multiply-adds once, while the
+            # adapter path costs N·(d+k)·r and two more passes over x and the output.
+            weight = self._combined(names).to(x2.dtype)
+            out = F.linear(x2, weight, None if self.bias is None else self.bias.to(x2.dtype))
+            return out.view(*x.shape[:-1], out.shape[-1])
         out = self._base_2d(x2)
         xd = x2
-        if self.lora_dropout_p > 0.0 and self.training:
-            xd = F.dropout(x2, self.lora_dropout_p, training=True)
+        if spec.dropout > 0.0 and self.training:
+            xd = F.dropout(x2, spec.dropout, training=True)
         # In-place ops skip autocast, so match the base output's dtype by hand (a no-op
         # outside autocast).
-        a = F.linear(xd, self.lora_A).to(out.dtype)
-        out = out.addmm_(a, self.lora_B.t().to(out.dtype), alpha=self.scaling)
+        a = F.linear(xd, lora_a).to(out.dtype)
+        out = out.addmm_(a, lora_b.t().to(out.dtype), alpha=spec.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -85,11 +122,11 @@ class LoRALinear(_MatmulLoRA, nn.Linear):
     def _lora_shapes(self, r):
         return (r, self.in_features), (self.out_features, r)
 
-    def _lora_out(self, x):
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+    def _lora_out(self, x, a, b):
+        return F.linear(F.linear(x, a), b)
 
-    def _delta_native(self):
-        return self.lora_B.float() @ self.lora_A.float()
+    def _delta_native(self, a, b):
+        return b.float() @ a.float()
 
     def _base_nobias(self, x):
         return F.linear(x, self.weight)
@@ -102,13 +139,13 @@ class _LoRAConvNd(LoRALayer):
         k = tuple(self.kernel_size)
         return (r, self.in_channels, *k), (self.out_channels, r, *([1] * len(k)))
 
-    def _lora_out(self, x):
+    def _lora_out(self, x, a, b):
         # A uses the base's stride, padding, dilation and padding mode; B is a 1×1 conv.
-        return self._conv_fn(self._conv_forward(x, self.lora_A, None), self.lora_B)
+        return self._conv_fn(self._conv_forward(x, a, None), b)
 
-    def _delta_native(self):
-        b = self.lora_B.float().flatten(1)  # (out, r)
-        a = self.lora_A.float()
+    def _delta_native(self, a, b):
+        b = b.float().flatten(1)  # (out, r)
+        a = a.float()
         return (b @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
     def _base_nobias(self, x):
@@ -143,22 +180,17 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
     def _lora_shapes(self, r):
         return (r, self.num_embeddings), (self.embedding_dim, r)
 
-    def _lora_init_weights(self, init):
+    def _lora_init_weights(self, init, a, b, r):
         with torch.no_grad():
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B, std=1.0 / self.r if init == "gaussian" else 1.0)
+            nn.init.zeros_(a)
+            nn.init.normal_(b, std=1.0 / r if init == "gaussian" else 1.0)
 
-    def _lora_out(self, x):
-        # Dropout never applies to token indices (x is x here: dropout skips ints below).
-        return F.embedding(x, self.lora_A.T, padding_idx=self.padding_idx) @ self.lora_B.T
+    def _lora_out(self, x, a, b):
+        # Dropout never applies to token indices (the shared forward skips integer input).
+        return F.embedding(x, a.T, padding_idx=self.padding_idx) @ b.T
 
-    def forward(self, x, *args, **kwargs):
-        if self.merged or self.lora_disabled:
-            return nn.Embedding.forward(self, x)
-        return nn.Embedding.forward(self, x).add_(self._lora_out(x), alpha=self.scaling)
-
-    def _delta_native(self):
-        return (self.lora_B.float() @ self.lora_A.float()).T
+    def _delta_native(self, a, b):
+        return (b.float() @ a.float()).T
 
     def _out_first(self, w):
         return w.T
@@ -175,11 +207,11 @@ class _LoRAConv1DMixin(_MatmulLoRA):
     def _lora_shapes(self, r):
         return (r, self.nx), (self.nf, r)
 
-    def _lora_out(self, x):
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+    def _lora_out(self, x, a, b):
+        return F.linear(F.linear(x, a), b)
 
-    def _delta_native(self):
-        return (self.lora_B.float() @ self.lora_A.float()).T
+    def _delta_native(self, a, b):
+        return (b.float() @ a.float()).T
 
     def _base_nobias(self, x):
         return x @ self.weight

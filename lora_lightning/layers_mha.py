@@ -48,11 +48,17 @@ def _weight_as(module: nn.Module, name: str, value: Tensor) -> Iterator[None]:
 
 
 def _effective(layer: LoRALayer) -> Tensor:
-    """The weight a layer computes with: base, or base + update while unmerged."""
+    """The weight a layer computes with: the weight (with any merged adapters) plus the
+    update of every active adapter that is not merged."""
     w = layer.weight
-    if layer.merged or layer.lora_disabled:
+    names = layer._pending()
+    if not names:
         return w
-    return layer._combined().to(w.dtype)
+    if layer.lora_groups is not None:
+        raise RuntimeError("per-sample adapters are not supported for nn.MultiheadAttention "
+                           "(its adapter is applied as a weight update); run one adapter at "
+                           "a time.")
+    return layer._combined(names).to(w.dtype)
 
 
 class LoRAMultiheadAttention(LoRALayer, nn.MultiheadAttention):
@@ -88,8 +94,8 @@ class LoRAMultiheadAttention(LoRALayer, nn.MultiheadAttention):
     def _lora_shapes(self, r):
         return (r, self.embed_dim), (3 * self.embed_dim, r)
 
-    def _delta_native(self):
-        return self.lora_B.float() @ self.lora_A.float()
+    def _delta_native(self, a, b):
+        return b.float() @ a.float()
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any,
                 **kwargs: Any) -> Any:

@@ -8,88 +8,27 @@ or refill the base weights an adapter-only checkpoint leaves out.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
-import zlib
-from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from .checkpoint import META_KEY, check_adapter_keys_present, check_meta, fill_base_keys
+from .ckpt_meta import META_KEY
 from .config import LoRAConfig
+from .errors import CheckpointReadError, TargetMatchError
 from .inject import inject_lora
+from .layer_base import DEFAULT_ADAPTER
 from .merge import merge_lora
+from .restore import prepare_lora_state
+from .safe_load import read_checkpoint
+
+__all__ = ["CheckpointReadError", "load_lora_checkpoint", "read_checkpoint"]
 
 M = TypeVar("M", bound=LightningModule)
 
 
-class CheckpointReadError(ValueError):
-    """A checkpoint file is missing, truncated or not a checkpoint."""
-
-
-# What torch.load raises on a damaged file (truncated zip: OSError EINVAL; empty: EOFError).
-READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-               ValueError)
-
-
-def unreadable(path: str | os.PathLike, err: BaseException) -> CheckpointReadError:
-    """The error for a checkpoint file that ``torch.load`` could not read."""
-    first = str(err).splitlines()[0] if str(err) else ""
-    raised = f"torch.load raised {type(err).__name__}" + (f": {first}" if first else "")
-    if zipfile.is_zipfile(path):  # a complete archive (callers check its CRCs first)
-        return CheckpointReadError(f"checkpoint {str(path)!r} could not be loaded: {raised}")
-    if first.startswith("Weights only load failed"):
-        # its advice (load with weights_only=False) is for intact files, not damaged ones
-        raised = f"torch.load raised {type(err).__name__}"
-    return CheckpointReadError(
-        f"checkpoint {str(path)!r} is unreadable (truncated or corrupted?): not a complete "
-        f"zip archive as torch.save writes; {raised}"
-    )
-
-
-def verify_checkpoint_file(path: str | os.PathLike) -> None:
-    """Check the CRC-32 of every member of a checkpoint's zip archive.
-
-    ``torch.load`` never checks them, so a flipped bit in tensor data loads silently. This
-    reads the whole file once (about as long as loading it). Files that are not zip
-    archives are left to ``torch.load``.
-    """
-    if not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
-        raise unreadable(path, err) from err
-    if bad is not None:
-        raise CheckpointReadError(
-            f"checkpoint {str(path)!r} is corrupted: archive member {bad!r} fails its CRC-32 "
-            "check (a damaged disk or an interrupted copy?); use an earlier checkpoint."
-        )
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load`` a checkpoint, turning every failure into one clear error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointReadError(f"checkpoint {str(path)!r} does not exist or is not a file.")
-    verify_checkpoint_file(path)
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=False)
-    except READ_ERRORS as err:
-        raise unreadable(path, err) from err
-    if not isinstance(data, dict):
-        raise CheckpointReadError(
-            f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a checkpoint dict."
-        )
-    return data
-
-
 def load_lora_checkpoint(
-    module_cls: type[M],
+    module_cls: type[M] | M,
     checkpoint_path: str | os.PathLike,
     *,
     config: LoRAConfig | None = None,
@@ -98,6 +37,7 @@ def load_lora_checkpoint(
     merge: bool = False,
     strict: bool = True,
     call_setup: bool = False,
+    trusted: bool = False,
     **init_kwargs: Any,
 ) -> M:
     """Build ``module_cls``, inject LoRA and load a checkpoint saved with ``LoRACallback``.
@@ -109,7 +49,9 @@ def load_lora_checkpoint(
     against the fingerprint stored at training time.
 
     Args:
-        module_cls: the LightningModule class.
+        module_cls: the LightningModule class, or a module instance to load into (for
+            example one that already carries another adapter: a checkpoint of a named
+            adapter is added beside it, the others are left as they are).
         checkpoint_path: the LoRA checkpoint.
         config: needed only for checkpoints without LoRA metadata.
         base_checkpoint: where to take base weights from, if not from the constructor.
@@ -117,12 +59,15 @@ def load_lora_checkpoint(
         strict: passed to ``load_state_dict``.
         call_setup: call ``setup("predict")`` first, for modules that build their model
             in ``setup`` (``configure_model`` is always called when overridden).
+        trusted: load both files with ``torch.load(weights_only=False)``, which runs
+            whatever they pickle. Only for files you made or trust; by default a file
+            that pickles more than tensors and plain data is refused (``UnsafeFileError``).
         **init_kwargs: constructor arguments, overriding the checkpoint's hyperparameters.
 
     Returns:
         The module in eval mode, on ``map_location``.
     """
-    ckpt = read_checkpoint(checkpoint_path, map_location)
+    ckpt = read_checkpoint(checkpoint_path, map_location, trusted=trusted)
     meta = ckpt.get(META_KEY)
     if config is None:
         if meta is None:
@@ -131,31 +76,30 @@ def load_lora_checkpoint(
                 "config=LoRAConfig(...) with the settings it was trained with."
             )
         config = LoRAConfig.from_dict(meta["config"])
-    hparams = dict(ckpt.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
-    model = module_cls(**{**hparams, **init_kwargs})
-    if call_setup:
-        model.setup("predict")
-    if is_overridden("configure_model", model):
-        model.configure_model()
+    adapter = (meta or {}).get("adapter")
+    if isinstance(module_cls, LightningModule):
+        model, module_cls = module_cls, type(module_cls)
+    else:
+        hparams = dict(ckpt.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+        model = module_cls(**{**hparams, **init_kwargs})
+        if call_setup:
+            model.setup("predict")
+        if is_overridden("configure_model", model):
+            model.configure_model()
     if base_checkpoint is not None:
-        base = read_checkpoint(base_checkpoint, map_location)
+        base = read_checkpoint(base_checkpoint, map_location, trusted=trusted)
         model.load_state_dict(base.get("state_dict", base), strict=strict)
     try:
-        inject_lora(model, config)
-    except ValueError as err:
-        if call_setup or not is_overridden("setup", model) or "matches no module" not in str(err):
+        inject_lora(model, config, adapter or DEFAULT_ADAPTER)
+    except TargetMatchError as err:
+        if call_setup or not is_overridden("setup", model):
             raise
-        raise ValueError(
-            f"load_lora_checkpoint: {err} {module_cls.__name__} overrides setup(); if it "
-            "builds its model there, pass call_setup=True."
-        ) from err
-    if meta is not None:
-        check_meta(model, meta, source=str(checkpoint_path))
+        raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
+            f"{err.allowed}. load_lora_checkpoint: {module_cls.__name__} overrides setup(); "
+            "if it builds its model there, pass call_setup=True")) from err
     state = dict(ckpt["state_dict"])
     if meta is not None:
-        check_adapter_keys_present(model, state, source=str(checkpoint_path))
-    if meta is not None and meta.get("mode") == "adapter":
-        fill_base_keys(model, state)
+        prepare_lora_state(model, meta, state, source=str(checkpoint_path), strict=strict)
     model.load_state_dict(state, strict=strict)
     if merge:
         merge_lora(model)

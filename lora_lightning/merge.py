@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from .errors import TiedWeightError
-from .inject import CONFIG_ATTR, lora_layers, lora_param_keys
 from .layer_base import LoRALayer
 from .layers_mha import unblock_fast_paths
+from .registry import REGISTRY_ATTR, lora_layers, lora_param_keys
 
 _UNTIE = ("Call merge_lora(model, untie=True) to give the adapted module its own copy of the "
           "weight first (the tied modules keep the base weight), or keep the adapter unmerged.")
@@ -126,7 +126,7 @@ def unload_lora(model: nn.Module, merge: bool = True, untie: bool = False) -> nn
         layer.__class__ = base
     unblock_fast_paths(model)
     for m in model.modules():
-        m.__dict__.pop(CONFIG_ATTR, None)
+        m.__dict__.pop(REGISTRY_ATTR, None)
     return model
 
 

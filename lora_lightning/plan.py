@@ -25,7 +25,8 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig, entry_matches, name_matches, pattern_key_matches
 from .errors import TargetMatchError, UnsupportedModuleError
-from .layers import LoRALayer, hf_conv1d_type, lora_type_for, type_name
+from .layer_base import DEFAULT_ADAPTER
+from .layers import LoRAEmbedding, LoRALayer, hf_conv1d_type, lora_type_for, type_name
 from .layers_mha import LoRAMultiheadAttention
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer")
@@ -57,10 +58,11 @@ class Skipped:
 @dataclass
 class InjectionPlan:
     config: LoRAConfig
+    adapter: str = DEFAULT_ADAPTER
     new: dict[str, PlannedLayer] = field(default_factory=dict)
-    """Modules to adapt now."""
+    """Modules that get this adapter now (plain modules, or LoRA layers with others)."""
     existing: dict[str, PlannedLayer] = field(default_factory=dict)
-    """Modules that already carry an adapter with these settings (left untouched)."""
+    """Modules that already carry this adapter with these settings (left untouched)."""
     saved: list[str] = field(default_factory=list)
     """``modules_to_save``: trained fully (the top-most matching modules)."""
     skipped: list[Skipped] = field(default_factory=list)
@@ -132,6 +134,13 @@ def _linear_like(module: nn.Module, parent: nn.Module | None) -> bool:
 def _layer_type(name: str, module: nn.Module, parent: nn.Module | None,
                 config: LoRAConfig) -> type | str:
     """The LoRA class for ``module``, or the reason it cannot carry an adapter."""
+    if isinstance(module, LoRALayer):  # adding another adapter: only the config can refuse
+        if isinstance(module, LoRAMultiheadAttention | LoRAEmbedding) and config.use_dora:
+            return f"is an nn.{module._lora_base_class.__name__}, which DoRA does not support"
+        if isinstance(module, LoRAMultiheadAttention) and config.dropout:
+            return ("is an nn.MultiheadAttention, whose adapter is applied as a weight update; "
+                    "use dropout=0 or exclude it.")
+        return type(module)
     if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
         return (f"is the out_proj of the nn.MultiheadAttention {name.rpartition('.')[0]!r}, which "
                 "reads its weight directly and never calls it; target the MultiheadAttention "
@@ -145,13 +154,15 @@ def _unsupported(name: str, module: nn.Module, reason: str) -> UnsupportedModule
     return UnsupportedModuleError(name, type_name(type(module)), reason)
 
 
-def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
-    """Resolve ``config`` against ``model``; raise before anything is changed if it does
-    not fit (an entry that matches nothing, an unsupported explicit target)."""
+def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER
+                   ) -> InjectionPlan:
+    """Resolve ``config`` for ``adapter`` against ``model``; raise before anything is
+    changed if it does not fit (an entry that matches nothing, an unsupported explicit
+    target)."""
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
     _check_entries(config, names)
-    plan = InjectionPlan(config)
+    plan = InjectionPlan(config, adapter)
     saved_all = {n for n in names if name_matches(n, config.modules_to_save)}
     plan.saved = sorted(n for n in saved_all if _inside(n.rpartition(".")[0], saved_all) is None)
     all_linear = config.target_modules == ALL_LINEAR
@@ -177,8 +188,8 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
             why = ("in modules_to_save" if head in saved_all else "an output head")
             plan.skipped.append(Skipped(name, kind.__name__, f"inside {head!r} ({why})"))
             continue
-        if isinstance(module, LoRALayer):
-            _check_existing(name, module, config)
+        if isinstance(module, LoRALayer) and adapter in module.lora_specs:
+            _check_existing(name, module, config, adapter)
             plan.existing[name] = _planned(name, kind, type(module), config)
             continue
         cls = _layer_type(name, module, parent, config)
@@ -188,10 +199,10 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
                 continue
             raise _unsupported(name, module, cls)
         plan.new[name] = _planned(name, kind, cls, config)
-        if cls is LoRAMultiheadAttention:
+        if issubclass(cls, LoRAMultiheadAttention):
             # MHA reads out_proj's weight directly: adapt it with the same rank and alpha.
             out, mha = module.out_proj, plan.new[name]
-            out_cls = lora_type_for(out, config)
+            out_cls = type(out) if isinstance(out, LoRALayer) else lora_type_for(out, config)
             plan.new[f"{name}.out_proj"] = PlannedLayer(
                 f"{name}.out_proj", type(out).__name__, out_cls, mha.r, mha.alpha, mha.scaling)
     if not plan.new and not plan.existing:
@@ -205,14 +216,15 @@ def _planned(name: str, kind: type, cls: type, config: LoRAConfig) -> PlannedLay
     return PlannedLayer(name, kind.__name__, cls, r, alpha, config.scaling_for(r, alpha))
 
 
-def _check_existing(name: str, module: LoRALayer, config: LoRAConfig) -> None:
+def _check_existing(name: str, module: LoRALayer, config: LoRAConfig, adapter: str) -> None:
     want = (config.rank_for(name), config.alpha_for(name), config.use_dora)
-    if (module.r, module.lora_alpha, module.use_dora) != want:
+    spec = module.lora_specs[adapter]
+    if (spec.r, spec.alpha, spec.use_dora) != want:
         raise ValueError(
-            f"inject_lora: module {name!r} already has an adapter with r={module.r}, "
-            f"alpha={module.lora_alpha:g}, dora={module.use_dora}; the config asks for "
+            f"inject_lora: module {name!r} already has an adapter with r={spec.r}, "
+            f"alpha={spec.alpha:g}, dora={spec.use_dora}; the config asks for "
             f"r={want[0]}, alpha={want[1]:g}, dora={want[2]}. Call unload_lora(model) first "
-            "to change it."
+            f"to change it (the adapter is {adapter!r})."
         )
 
 

@@ -1,19 +1,22 @@
-"""Human-readable and logger-ready summaries of an injection."""
+"""Human-readable and logger-ready summaries of an injection: the one place that builds the
+summary table, the ``lora/*`` scalars and hparams, and the merged hparams record."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from .config import LoRAConfig
 from .inject import InjectionReport, lora_layers
-from .params import trainable_megabytes
+from .params import ParamCount, trainable_megabytes
 
 
 def summary_table(model: nn.Module, config: LoRAConfig, report: InjectionReport) -> str:
     """A small fixed-width table: targets by type, r, alpha, scaling, counts and size."""
     layers = lora_layers(model)
     ranks = sorted({m.r for m in layers.values()})
-    alphas = sorted({m.lora_alpha for m in layers.values()})
+    alphas = sorted({m.alpha for m in layers.values()})
     scales = sorted({round(m.scaling, 6) for m in layers.values()})
     p = report.params
     rows = [
@@ -34,9 +37,10 @@ def summary_table(model: nn.Module, config: LoRAConfig, report: InjectionReport)
     return "\n".join(lines)
 
 
-def metrics_for(report: InjectionReport) -> dict[str, float]:
-    """The scalars every logger receives."""
-    p = report.params
+def metrics_for(counts: InjectionReport | ParamCount) -> dict[str, float]:
+    """The ``lora/*`` scalars every logger receives, from a report or plain counts (a run
+    without adapters logs the same tags)."""
+    p = counts.params if isinstance(counts, InjectionReport) else counts
     return {
         "lora/trainable_params": float(p.trainable),
         "lora/total_params": float(p.total),
@@ -55,3 +59,19 @@ def hparams_for(config: LoRAConfig, report: InjectionReport) -> dict[str, object
         "lora/dora": config.use_dora,
         "lora/modules": len(report.ranks),
     }
+
+
+def module_hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
+    """The hparams Lightning itself logs at fit start: the module's, then the datamodule's.
+
+    TensorBoard keeps only a run's first hparams record, so whoever logs first must log
+    these too.
+    """
+    params: dict[str, Any] = {}
+    if pl_module._log_hyperparams:
+        params.update(pl_module.hparams_initial)
+    datamodule = trainer.datamodule
+    if datamodule is not None and datamodule._log_hyperparams:
+        params.update(datamodule.hparams_initial)
+    params.pop("_class_path", None)
+    return params

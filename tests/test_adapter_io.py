@@ -133,7 +133,7 @@ def test_save_load_round_trip_into_fresh_model(variant, tmp_path):
         n: m.r for n, m in lora_layers(model).items()
     }
     assert fresh.lin.r == 3 and fresh.c1.r == 2
-    assert fresh.g.lora_alpha == 5.0 and fresh.lin.lora_alpha == 4.0
+    assert fresh.g.alpha == 5.0 and fresh.lin.alpha == 4.0
     torch.testing.assert_close(fresh(X), y, rtol=0, atol=1e-6)
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}

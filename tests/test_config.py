@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lightning.errors import ConfigError
 from lora_lightning import LoRAConfig
+from lora_lightning.errors import ConfigError
 
 FIELD_NAMES = [f.name for f in fields(LoRAConfig)]
 

@@ -159,7 +159,7 @@ def test_rank_and_alpha_patterns():
         "layers.0.query": (4, 8.0), "layers.1.query": (2, 8.0),
         "layers.0.value": (6, 8.0), "layers.1.value": (6, 8.0), "proj": (4, 3.0),
     }
-    assert {n: (m.r, m.lora_alpha) for n, m in layers.items()} == expected
+    assert {n: (m.r, m.alpha) for n, m in layers.items()} == expected
     assert report.ranks == {n: r for n, (r, _) in expected.items()}
     for name, (r, alpha) in expected.items():
         m = layers[name]

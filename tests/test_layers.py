@@ -296,9 +296,9 @@ def test_no_dropout_means_no_copy_of_the_input(layer_name, variant, mode, monkey
     original_lora_out = layer._lora_out
     real_linear = F.linear
 
-    def spy(inp):
+    def spy(inp, *adapter):
         seen.append(inp)
-        return original_lora_out(inp)
+        return original_lora_out(inp, *adapter)
 
     def linear_spy(inp, weight, *args, **kwargs):
         # The fused Linear/Conv1D path feeds the input straight to A, without _lora_out.
@@ -472,3 +472,30 @@ def test_bf16_injection_keeps_dtype(dora):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     y = model(torch.randn(3, 8, dtype=torch.bfloat16))  # layer 2 needs a bf16 input
     assert y.dtype == torch.bfloat16
+
+
+def test_inference_without_autograd_folds_the_update_and_matches_the_adapter_path():
+    """Under no_grad, a Linear LoRA layer with many rows computes x(W + sBA)^T in one
+    matmul (see layers._FOLD_ROWS); it must equal the adapter path, which autograd uses."""
+    from lora_lightning.layers import _FOLD_ROWS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, _FOLD_ROWS, 32)
+    with torch.no_grad():
+        folded = layer(x)
+    calls = []
+    real = F.linear
+    try:
+        F.linear = lambda inp, w, *a, **k: calls.append(w.shape) or real(inp, w, *a, **k)
+        with torch.no_grad():
+            layer(x)
+    finally:
+        F.linear = real
+    assert calls == [torch.Size([24, 32])]  # one matmul with the folded weight
+    adapter_path = layer(x)  # grad enabled: base op plus B(Ax)
+    torch.testing.assert_close(folded, adapter_path.detach(), rtol=1e-5, atol=1e-5)

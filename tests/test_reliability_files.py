@@ -28,7 +28,7 @@ from lora_lightning import (
     inject_lora,
     load_lora_checkpoint,
 )
-from lora_lightning.checkpoint import StateDictMismatchError
+from lora_lightning.errors import StateDictMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

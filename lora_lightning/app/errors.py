@@ -16,6 +16,8 @@ import re
 
 from hydra.errors import CompactHydraException, InstantiationException
 
+from lora_lightning.errors import ConfigError
+
 # Top-level module -> the command that installs it, for modules the app's configs use.
 INSTALL = {
     "transformers": "pip install 'lora-lightning[examples]'",
@@ -52,7 +54,6 @@ def _install_hint(err: ImportError) -> str:
 
 def _lora_key(message: str) -> str:
     """Rewrite ``LoRAConfig.<field>`` (the core's wording) as the config key ``lora.config.<field>``."""
-    message = re.sub(r"^LoRACallback:\s*", "", message)
     return message.replace("LoRAConfig.", "lora.config.")
 
 
@@ -104,7 +105,7 @@ def explain(err: BaseException, key: str, target: str | None = None) -> AppError
     if isinstance(cause, FileNotFoundError):
         return AppError(f"{what}: {text}")
     if isinstance(cause, ValueError | TypeError):
-        if text.startswith(("LoRAConfig.", "LoRACallback:")) or "LoRAConfig." in text:
+        if isinstance(cause, ConfigError):
             return AppError(f"Invalid LoRA setting: {_lora_key(text)}")
         if text.startswith("HeadOnly."):
             return AppError(f"Invalid head-only setting: lora.callback.{text[len('HeadOnly.'):]}")

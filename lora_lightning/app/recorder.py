@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lora_lightning.inject import count_parameters
+from lora_lightning.params import count_parameters
 
 # What the LoRA callback logs as hparams, with the values a run without adapters gets.
 NEUTRAL_LORA_HPARAMS: dict[str, Any] = {
@@ -112,15 +112,9 @@ class RunRecorder(Callback):
 
     def _all_hparams(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         from lora_lightning.callback import LoRACallback
-        from lora_lightning.summary import hparams_for
+        from lora_lightning.summary import hparams_for, module_hparams
 
-        params: dict[str, Any] = {}  # what Lightning logs: the module's, then the data's
-        if getattr(pl_module, "_log_hyperparams", True):
-            params.update(pl_module.hparams_initial)
-        datamodule = trainer.datamodule
-        if datamodule is not None and getattr(datamodule, "_log_hyperparams", False):
-            params.update(datamodule.hparams_initial)
-        params.pop("_class_path", None)
+        params = module_hparams(trainer, pl_module)  # what Lightning logs itself
         params.update(NEUTRAL_LORA_HPARAMS)
         for callback in trainer.callbacks:
             if isinstance(callback, LoRACallback) and callback.report is not None:
@@ -142,11 +136,9 @@ class RunRecorder(Callback):
 
         if any(isinstance(cb, LoRACallback) for cb in trainer.callbacks):
             return  # it logs these tags itself
-        metrics = {
-            "lora/trainable_params": float(counts.trainable),
-            "lora/total_params": float(counts.total),
-            "lora/trainable_ratio": float(counts.ratio),
-        }
+        from lora_lightning.summary import metrics_for
+
+        metrics = metrics_for(counts)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

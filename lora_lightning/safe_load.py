@@ -1,0 +1,172 @@
+"""Reading ``torch.save`` files safely: the one place this package calls ``torch.load``.
+
+A pickle can run any code while it is loaded, and adapters and checkpoints are meant to be
+shared. So every load is ``torch.load(weights_only=True)``, which builds only tensors and
+plain data, and before that the file's pickled globals are listed without unpickling
+anything (``torch.serialization.get_unsafe_globals_in_checkpoint``): a file that names a
+global outside :data:`SAFE_GLOBALS` is refused with :class:`UnsafeFileError`, naming the
+globals, before a byte of it is unpickled.
+
+:data:`SAFE_GLOBALS` holds exactly what Lightning writes for hyperparameters that a Hydra
+app passes as OmegaConf containers (plus ``pathlib`` paths); none of them runs code when
+built. ``trusted=True`` is the explicit opt-in for files you made yourself or trust: they
+load with ``weights_only=False``.
+
+Zip archives also get their CRC-32s checked first (``torch.load`` never checks them, so a
+flipped bit in tensor data would load silently), and every failure becomes one
+:class:`CheckpointReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointReadError, UnsafeFileError
+
+SAFE_GLOBALS = frozenset({
+    # OmegaConf containers, as Lightning pickles the hparams a Hydra app passes
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode", "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode", "omegaconf.nodes.BytesNode",
+    "omegaconf.nodes.PathNode",
+    # the types and factories those containers name
+    "typing.Any", "collections.defaultdict", "builtins.dict", "builtins.list",
+    "builtins.tuple", "builtins.set", "builtins.int", "builtins.float", "builtins.str",
+    "builtins.bool", "builtins.bytes", "builtins.object",
+    # paths in hparams
+    "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+})
+"""Pickled globals a safe load allows beyond torch's own tensor and primitive types."""
+
+# What torch.load raises on a damaged file (truncated zip: OSError EINVAL; empty: EOFError).
+READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+               ValueError, zlib.error)
+
+
+def unreadable(path: str | os.PathLike, err: BaseException) -> CheckpointReadError:
+    """The error for a file that ``torch.load`` could not read."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    raised = f"torch.load raised {type(err).__name__}" + (f": {first}" if first else "")
+    if zipfile.is_zipfile(path):  # a complete archive (callers check its CRCs first)
+        return CheckpointReadError(f"checkpoint {str(path)!r} could not be loaded: {raised}",
+                                   str(path))
+    if first.startswith("Weights only load failed"):
+        # its advice (load with weights_only=False) is for intact files, not damaged ones
+        raised = f"torch.load raised {type(err).__name__}"
+    return CheckpointReadError(
+        f"checkpoint {str(path)!r} is unreadable (truncated or corrupted?): not a complete "
+        f"zip archive as torch.save writes; {raised}", str(path),
+    )
+
+
+def verify_checkpoint_file(path: str | os.PathLike) -> None:
+    """Check the CRC-32 of every member of a checkpoint's zip archive.
+
+    Reads the whole file once (about as long as loading it). Files that are not zip
+    archives are left to ``torch.load``.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+        raise unreadable(path, err) from err
+    if bad is not None:
+        raise CheckpointReadError(
+            f"checkpoint {str(path)!r} is corrupted: archive member {bad!r} fails its CRC-32 "
+            "check (a damaged disk or an interrupted copy?); use an earlier checkpoint.",
+            str(path),
+        )
+
+
+def unsafe_globals(path: str | os.PathLike) -> list[str]:
+    """The globals ``path`` pickles that :data:`SAFE_GLOBALS` and torch do not allow.
+
+    Reads the pickle's opcodes without executing any of them.
+    """
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    return [g for g in found if g not in SAFE_GLOBALS]
+
+
+def _resolve(names: list[str]) -> list[Any]:
+    out = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue  # not installed here: torch refuses it if the file really needs it
+    return out
+
+
+def torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, trusted: bool = False,
+               what: str = "checkpoint") -> Any:
+    """``torch.load`` ``path`` with ``weights_only=True`` (see the module docstring).
+
+    Raises :class:`UnsafeFileError` for a file that needs more, unless ``trusted``.
+    """
+    if trusted:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    if zipfile.is_zipfile(path):
+        refused = unsafe_globals(path)
+        if refused:
+            raise UnsafeFileError(str(path), refused, what)
+        allowed = _resolve(sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path))))
+    else:
+        allowed = []  # a legacy (non-zip) pickle: torch's weights-only unpickler decides
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):
+            raise  # a damaged or foreign file: the caller reports it as unreadable
+        # An intact archive whose globals passed the check but that torch still refuses.
+        raise UnsafeFileError(str(path), [_refused_in(str(err))], what) from err
+
+
+def _refused_in(message: str) -> str:
+    """The global torch names in its weights-only refusal (``GLOBAL x.y``), if any."""
+    for line in message.splitlines():
+        if "GLOBAL " in line:
+            return line.split("GLOBAL ", 1)[1].split()[0]
+    return "a global outside the allow-list"
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
+                    trusted: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict safely, turning every failure into one error naming the file.
+
+    Args:
+        path: the ``.ckpt`` (or any ``torch.save``) file.
+        map_location: as for ``torch.load``.
+        trusted: load with ``weights_only=False`` (runs whatever the file pickles). Only for
+            files you made or trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"checkpoint {str(path)!r} does not exist or is not a file.",
+                                  str(path))
+    verify_checkpoint_file(path)
+    try:
+        data = torch_load(path, map_location, trusted=trusted)
+    except UnsafeFileError:
+        raise
+    except READ_ERRORS as err:
+        raise unreadable(path, err) from err
+    if not isinstance(data, dict):
+        raise CheckpointReadError(
+            f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a checkpoint dict.",
+            str(path),
+        )
+    return data
