@@ -134,7 +134,9 @@ def cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
             build(tmp)
             (tmp / _DONE).write_text("complete\n")
             shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from a crash
-            os.replace(tmp, target)
+            # Publishing a finished folder (its files were written by transformers), one
+            # rename(2) under the lock; single files go through lora_lightning.atomic.
+            tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
