@@ -22,6 +22,7 @@ from .layers_mha import block_fast_paths
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, Skipped, plan_injection
 from .registry import (
+    OWNER_ATTR,
     REGISTRY_ATTR,
     AdapterRegistry,
     check_name,
@@ -126,7 +127,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
             module._lora_setup()
         module.add_adapter(adapter, planned.r, planned.alpha, planned.scaling, config.dropout,
                            config.init, config.use_dora)
-    model.__dict__.setdefault(REGISTRY_ATTR, AdapterRegistry()).configs[adapter] = config
+    reg = model.__dict__.setdefault(REGISTRY_ATTR, AdapterRegistry())
+    reg.configs[adapter] = config
+    for name in plan.new:
+        model.get_submodule(name).__dict__[OWNER_ATTR] = reg
     assign_heads(model, adapter, plan.saved)
     activate(model, [adapter])
     _freeze(model, plan, adapter)

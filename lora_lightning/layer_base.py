@@ -130,7 +130,8 @@ class LoRALayer(MergeMixin):
             for attr in self.adapter_param_names(name):
                 delattr(self, attr)
         for attr in ("lora_specs", "lora_active", "merged_adapters", "lora_disabled",
-                     "lora_groups", "_dora_merge_norm", "_lora_absent_keys", "_lora_hooks"):
+                     "lora_groups", "_dora_merge_norm", "_lora_absent_keys", "_lora_hooks",
+                     "_lora_owner_registry"):
             self.__dict__.pop(attr, None)
 
     def adapter_param_names(self, adapter: str | None = None) -> tuple[str, ...]:

@@ -17,6 +17,9 @@ from .errors import ConfigError
 from .layer_base import ADAPTER_NAME, DEFAULT_ADAPTER, LoRALayer
 
 REGISTRY_ATTR = "_lora_registry"
+OWNER_ATTR = "_lora_owner_registry"
+"""Each LoRA layer also points at its registry, so a submodule (an HF model inside a
+LightningModule) finds the record of the module LoRA was injected into."""
 
 
 class AdapterNameError(ConfigError):
@@ -45,12 +48,15 @@ class AdapterRegistry:
 
 
 def find_registry(model: nn.Module) -> AdapterRegistry | None:
-    """The registry on ``model`` or on the first submodule that has one."""
+    """The registry on ``model`` or on the first submodule that has one; else the one its
+    LoRA layers point at (``model`` is a submodule of the module LoRA was injected into)."""
+    owner = None
     for m in model.modules():
         reg = m.__dict__.get(REGISTRY_ATTR)
         if reg is not None:
             return reg
-    return None
+        owner = owner or m.__dict__.get(OWNER_ATTR)
+    return owner
 
 
 def registry_for(model: nn.Module) -> AdapterRegistry:

@@ -385,3 +385,18 @@ def test_loading_into_a_name_that_exists_needs_replace(tmp_path):
         model.fc1.lora_B_a.zero_()
     load_adapter(model, tmp_path / "a", adapter="a", replace=True)
     torch.testing.assert_close(model(X), y, rtol=0, atol=0)
+
+
+def test_an_adapter_injected_into_a_wrapper_saves_from_the_inner_model(tmp_path):
+    """A LightningModule holding an HF model: LoRA is injected into the wrapper, and the
+    inner model's adapter is saved relative to the inner model (what PEFT loads on it)."""
+    wrapper = nn.Module()
+    wrapper.net = Net()
+    inject_lora(wrapper, LoRAConfig(r=2, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        wrapper.net.fc1.lora_B.normal_()
+    save_adapter(wrapper.net, tmp_path / "inner")
+    data = json.loads((tmp_path / "inner" / "adapter_config.json").read_text())
+    assert data["target_modules"] == "fc1|fc2"
+    fresh = load_adapter(Net(), tmp_path / "inner")
+    torch.testing.assert_close(fresh(X), wrapper.net(X), rtol=0, atol=0)
