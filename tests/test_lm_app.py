@@ -63,7 +63,7 @@ def test_lm_lora_options(tmp_path, option, targets, kind):
 def _run(tmp_path, tiny_lm_dir, *overrides):
     cfg = _compose(
         tmp_path, "model=smollm2", f"model.model_path={tiny_lm_dir}", "model.max_new_tokens=4",
-        "+trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
         "data.seq_len=16", "data.batch_size=4", "+callbacks.lm_export._target_="
         "lora_lightning.examples.LMExport", f"+callbacks.lm_export.dirpath={tmp_path}/export",
         "callbacks.model_checkpoint.monitor=val/ppl", "callbacks.model_checkpoint.mode=min",
