@@ -18,6 +18,8 @@ from .errors import ConfigError, ConfigTypeError
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
+MAX_RANK = 2**24
+"""No layer is wider; a larger rank could not even be turned into a float scale."""
 _SUFFIX_REGEX = r"(?:.*\.)?(?:{})"  # a rank/alpha key matches a name or a dotted suffix
 
 
@@ -85,6 +87,8 @@ def _check_pattern(name: str, value: Any, kind: type, positive: bool) -> dict[st
             _fail(name, value, f"expected integer ranks (key {key!r} has {v!r})", TypeError)
         if positive and not (v > 0 and (kind is int or _finite(v))):
             _fail(name, value, f"expected finite values > 0 (key {key!r} has {v!r})")
+        if kind is int and v > MAX_RANK:
+            _fail(name, value, f"expected ranks <= {MAX_RANK:,} (key {key!r} has {v!r})")
         out[key] = kind(v)
     return out
 
@@ -135,6 +139,8 @@ class LoRAConfig:
             _fail("r", self.r, "expected an integer >= 1", TypeError)
         if self.r < 1:
             _fail("r", self.r, "expected an integer >= 1")
+        if self.r > MAX_RANK:
+            _fail("r", self.r, f"expected an integer <= {MAX_RANK:,} (2**24; no layer is wider)")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
             _fail("alpha", self.alpha, "expected a number > 0", TypeError)
         if not (self.alpha > 0 and _finite(self.alpha)):

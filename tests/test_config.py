@@ -259,3 +259,14 @@ def test_property_many_fields(data):
             LoRAConfig(**{named[0]: kwargs[named[0]]})
         return
     _check_built(cfg)
+
+
+def test_a_rank_too_large_for_any_layer_is_refused_naming_the_field():
+    """Found by hypothesis in CI: r = 10**300 reached ``alpha / r`` and raised OverflowError."""
+    from lora_lightning.config import MAX_RANK
+
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r: got 1000.*expected an integer <="):
+        LoRAConfig(r=10**300)
+    with pytest.raises(ValueError, match=r"LoRAConfig\.rank_pattern: .*ranks <="):
+        LoRAConfig(rank_pattern={"x": MAX_RANK + 1})
+    assert LoRAConfig(r=MAX_RANK).r == MAX_RANK
