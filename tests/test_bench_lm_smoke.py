@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peft")
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lm.py"
 
 
 def test_bench_lm_runs_every_variant_and_ratio(tmp_path, tiny_lm_dir):
+    pytest.importorskip("peft")  # the benchmark's PEFT variants
     spec = importlib.util.spec_from_file_location("bench_lm", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_lm"] = module
