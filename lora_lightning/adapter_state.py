@@ -8,12 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AdapterLoadError
+from .inject import is_bias
 from .registry import find_config, find_registry, known, lora_layers, lora_param_keys
-
-
-def _is_bias(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf == "bias" or leaf.endswith("_bias")  # MultiheadAttention's in_proj_bias
 
 
 def adapter_keys(model: nn.Module, adapter: str | None = None) -> list[str]:
@@ -31,7 +27,7 @@ def adapter_keys(model: nn.Module, adapter: str | None = None) -> list[str]:
     keys = lora_param_keys(model, adapter) | set(_head_tensors(model, adapter))
     config = find_config(model, adapter)
     if config.bias == "all":
-        keys.update(n for n, _ in model.named_parameters() if _is_bias(n))
+        keys.update(n for n, _ in model.named_parameters() if is_bias(n))
     elif config.bias == "lora_only":
         keys.update(f"{name}.{leaf}" for name, m in lora_layers(model).items()
                     if adapter in m.lora_specs

@@ -59,7 +59,8 @@ class InjectionReport:
         return sorted(self.ranks)
 
 
-def _is_bias(name: str) -> bool:
+def is_bias(name: str) -> bool:
+    """A parameter name of a bias (``bias``, or MultiheadAttention's ``in_proj_bias``)."""
     leaf = name.rsplit(".", 1)[-1]
     return leaf == "bias" or leaf.endswith("_bias")  # MultiheadAttention's in_proj_bias
 
@@ -80,7 +81,7 @@ def _freeze(model: nn.Module, plan: InjectionPlan, adapter: str) -> None:
             bias.requires_grad_(True)
     if config.bias == "all":
         for n, p in model.named_parameters():
-            if _is_bias(n):
+            if is_bias(n):
                 p.requires_grad_(True)
     for name in plan.saved:
         model.get_submodule(name).requires_grad_(True)

@@ -217,13 +217,18 @@ class LoRALayer(MergeMixin):
         return (self._out_first(self.weight).shape[0],)
 
     # -- forward ---------------------------------------------------------------------
+    def _dropped(self, x: Tensor, spec: AdapterSpec) -> Tensor:
+        """The adapter's input: ``x`` with its LoRA dropout in train mode (never on token
+        indices), or ``x`` itself."""
+        if spec.dropout > 0.0 and self.training and x.is_floating_point():
+            return F.dropout(x, spec.dropout, training=True)
+        return x
+
     def _delta(self, x: Tensor, base_out: Tensor, name: str) -> Tensor:
         """What adapter ``name`` adds to the base output ``base_out`` of input ``x``."""
         spec = self.lora_specs[name]
         a, b = self._ab(name)
-        xd = x
-        if spec.dropout > 0.0 and self.training and x.is_floating_point():
-            xd = F.dropout(x, spec.dropout, training=True)
+        xd = self._dropped(x, spec)
         lora = self._lora_out(xd, a, b)
         if not spec.use_dora:
             return lora * spec.scaling
@@ -245,10 +250,7 @@ class LoRALayer(MergeMixin):
             # saves one output-sized temporary per adapted layer.
             spec = self.lora_specs[names[0]]
             a, b = self._ab(names[0])
-            xd = x
-            if spec.dropout > 0.0 and self.training and x.is_floating_point():
-                xd = F.dropout(x, spec.dropout, training=True)
-            return result.add_(self._lora_out(xd, a, b), alpha=spec.scaling)
+            return result.add_(self._lora_out(self._dropped(x, spec), a, b), alpha=spec.scaling)
         out = result
         for n in names:  # several adapters: each sees the pure base output (DoRA needs it)
             out = out + self._delta(x, result, n)

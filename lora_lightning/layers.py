@@ -101,9 +101,7 @@ class _MatmulLoRA(LoRALayer):
             out = F.linear(x2, weight, None if self.bias is None else self.bias.to(x2.dtype))
             return out.view(*x.shape[:-1], out.shape[-1])
         out = self._base_2d(x2)
-        xd = x2
-        if spec.dropout > 0.0 and self.training:
-            xd = F.dropout(x2, spec.dropout, training=True)
+        xd = self._dropped(x2, spec)
         # In-place ops skip autocast, so match the base output's dtype by hand (a no-op
         # outside autocast).
         a = F.linear(xd, lora_a).to(out.dtype)
