@@ -34,6 +34,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lora_lightning.examples.module import adamw_with_warmup
+
 from .lm_data import IGNORE
 from .lm_model import ContextLengthError, context_length, load_causal_lm, load_lm_tokenizer
 
@@ -165,22 +167,7 @@ class CausalLMModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(
-                f"No parameter of {type(self.model).__name__} requires grad, so there is "
-                "nothing to optimize; inject LoRA adapters or unfreeze some parameters."
-            )
-        optimizer = torch.optim.AdamW(
-            trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-        if self.hparams.warmup_ratio == 0:
-            return optimizer
-        warmup = max(1, int(self.trainer.estimated_stepping_batches * self.hparams.warmup_ratio))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(self, self.model)
 
     # -- before training: context check, perplexity and generations ------------------------
     @override

@@ -49,6 +49,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+
+def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
+    """AdamW over the parameters that require grad (``module.hparams``: ``lr``,
+    ``weight_decay``, ``warmup_ratio``), with a linear warm-up over that share of the
+    steps. Shared by the example modules."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        total = sum(1 for _ in module.parameters())
+        raise ValueError(
+            f"No parameter of {type(net).__name__} has requires_grad=True "
+            f"(0 of {total} tensors), so there is nothing to optimize. Unfreeze some "
+            "parameters or inject LoRA adapters before training starts."
+        )
+    hp = module.hparams
+    optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.warmup_ratio == 0:
+        return optimizer
+    warmup_steps = max(1, int(module.trainer.estimated_stepping_batches * hp.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training, accuracy and throughput logging for a classifier network.
 
@@ -161,29 +184,7 @@ class ClassifierModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        if not trainable:
-            total = sum(1 for _ in self.parameters())
-            raise ValueError(
-                f"No parameter of {type(self.net).__name__} has requires_grad=True "
-                f"(0 of {total} tensors), so there is nothing to optimize. Unfreeze some "
-                "parameters or inject LoRA adapters before training starts."
-            )
-        optimizer = torch.optim.AdamW(
-            trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-        if self.hparams.warmup_ratio == 0:
-            return optimizer
-        warmup_steps = max(
-            1, int(self.trainer.estimated_stepping_batches * self.hparams.warmup_ratio)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return adamw_with_warmup(self, self.net)
 
     # -- throughput and memory ------------------------------------------------------------
 
