@@ -54,7 +54,7 @@ def test_every_group_has_options():
     found = {group for group, _ in OPTIONS}
     assert found == set(GROUPS)
     assert {"qv", "all_linear", "none", "head_only"} <= {o for g, o in OPTIONS if g == "lora"}
-    assert {"full_vs_lora", "rank_sweep"} <= {o for g, o in OPTIONS if g == "experiment"}
+    assert {"full_vs_lora", "full_split", "rank_sweep"} <= {o for g, o in OPTIONS if g == "experiment"}
     assert {"parallel", "slurm", "slurm_local"} <= set(LAUNCHERS)
 
 
@@ -205,6 +205,17 @@ def test_full_vs_lora_is_a_four_run_sweep(tmp_path):
         assert cfg.name == "full_vs_lora"
         assert cfg.hydra.runtime.choices.model == "minilm"
         assert cfg.trainer.val_check_interval == 0.25
+
+
+def test_full_split_is_three_seeds_on_the_whole_corpus(tmp_path):
+    with composed(tmp_path, "experiment=full_split", "lora=all_linear",
+                  "trainer.max_epochs=2") as cfg:
+        assert cfg.hydra.mode == RunMode.MULTIRUN
+        assert cfg.hydra.sweeper.params.seed.split(",") == ["0", "1", "2"]
+        assert (cfg.data.train_size, cfg.data.val_size, cfg.data.test_size) == (9000, 1000, 2500)
+        assert cfg.hydra.launcher.n_jobs * cfg.num_threads == 2
+        assert cfg.trainer.max_epochs == 2 and cfg.trainer.val_check_interval == 0.25
+        assert cfg.model.lr == 1.0e-3 and cfg.name == "full_split"
 
 
 def test_rank_sweep_runs_ranks_and_a_full_baseline_in_parallel(tmp_path):

@@ -119,7 +119,7 @@ def test_console_script_help_lists_groups_and_launchers(tmp_path):
     assert "== Config groups ==" in proc.stdout
     for line in ("lora: all_linear, conv, head_only, lm_all_linear, lm_full, lm_qv, none, qv",
                  "model: digits_cnn, minilm, smollm2", "data: digits, hamlet, hamlet_chat,",
-                 "experiment: digits, full_vs_lora, lm_lora, rank_sweep", "trainer: cpu, ddp, gpu",
+                 "experiment: digits, full_split, full_vs_lora, lm_lora, rank_sweep", "trainer: cpu, ddp, gpu",
                  "logger: csv, tensorboard", "hydra/launcher=parallel"):
         assert line in proc.stdout
 
