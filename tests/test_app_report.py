@@ -109,6 +109,28 @@ def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
     assert report["png"].is_file()
 
 
+def test_same_run_with_other_overrides_is_its_own_group_named_by_them(tmp_path):
+    # full_split: LoRA trained for 2 and for 3 epochs, three seeds each, beside full FT.
+    results, job = [], 0
+    for seed in (0, 1, 2):
+        for epochs, acc in ((2, 0.81), (3, 0.82)):
+            r = _result("lora_all_linear", "lora", 8, seed, acc + seed / 100, 332_546, job)
+            r["overrides"] = [f"seed={seed}", "lora=all_linear", f"trainer.max_epochs={epochs}"]
+            results.append(r)
+            job += 1
+        results.append(_result("full_ft", "full", None, seed, 0.83, TOTAL, job))
+        job += 1
+    report = write_report(_write(tmp_path / "s", results))
+    labels = [g.label for g in report["groups"]]
+    assert labels == ["lora_all_linear [trainer.max_epochs=2]",
+                      "lora_all_linear [trainer.max_epochs=3]", "full fine-tuning"]
+    assert all(g.seeds == [0, 1, 2] for g in report["groups"])
+    rows = list(csv.DictReader(report["csv"].open()))
+    assert {row["overrides"] for row in rows if row["run"] == "lora_all_linear" and
+            row["seed"] == "1"} == {"seed=1 lora=all_linear trainer.max_epochs=2",
+                                    "seed=1 lora=all_linear trainer.max_epochs=3"}
+
+
 def test_table_without_a_shared_test_split_gives_size_and_majority_per_row(tmp_path):
     small = _result("lora_qv", "lora", 8, 0, 0.74, 74_498, 1)
     small.update(test_size=50, test_majority_acc=0.6)

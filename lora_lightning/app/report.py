@@ -30,7 +30,7 @@ CSV_COLUMNS = (
     "best_val_acc", "monitor", "fit_seconds", "samples_per_sec", "train_gflops_per_step",
     "peak_tensor_mb", "tensor_params_mb", "tensor_grads_mb", "tensor_optimizer_mb",
     "tensor_activations_mb", "peak_rss_mb", "checkpoint_bytes", "adapter_bytes", "run_id",
-    "output_dir",
+    "overrides", "output_dir",
 )
 METRIC_NOTE = (
     "test acc is plain accuracy (correct / all test samples) of the checkpoint with the "
@@ -227,12 +227,15 @@ def markdown_table(groups: Sequence[Group]) -> str:
 
 
 def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """One row per job, the columns of :data:`CSV_COLUMNS`."""
+    """One row per job, the columns of :data:`CSV_COLUMNS`; ``overrides`` is the job's
+    command-line overrides joined by spaces, which tell apart runs of the same name."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for result in results:
-            writer.writerow({k: result.get(k) for k in CSV_COLUMNS})
+            row = {k: result.get(k) for k in CSV_COLUMNS}
+            row["overrides"] = " ".join(result.get("overrides") or [])
+            writer.writerow(row)
 
 
 def plot(groups: Sequence[Group], path: Path, title: str = "") -> None:
