@@ -248,14 +248,18 @@ def plot(groups: Sequence[Group], path: Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     points = [g for g in groups if g.kind != "full" and g.values("test_acc")]
+    same_x: dict[float, int] = {}
     for g in points:
         x, y = g.mean("trainable_params"), g.mean("test_acc")
+        k = same_x[x] = same_x.get(x, -1) + 1  # runs with equal params (other epochs, lr):
+        x *= 1.06 ** k                          # dodged sideways, labels stacked
         color = "tab:blue" if g.kind == "lora" else "tab:gray"
         if len(g.values("test_acc")) > 1:
             ax.errorbar(x, y, yerr=g.std("test_acc"), fmt="o", color=color, capsize=3)
         else:
             ax.plot(x, y, "o", color=color)
-        ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(5, 6), fontsize=8)
+        ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(5, 6 + 11 * k),
+                    fontsize=8)
     lora = sorted((g for g in points if g.kind == "lora"), key=lambda g: g.mean("trainable_params"))
     if len(lora) > 1 and all(g.label.startswith("r=") for g in lora):  # a rank series
         ax.plot(
