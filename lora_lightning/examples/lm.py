@@ -34,7 +34,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lora_lightning.examples.module import adamw_with_warmup
+from lora_lightning.examples.module import adamw_with_warmup, check_optimizer_args
 
 from .lm_data import IGNORE
 from .lm_model import ContextLengthError, context_length, load_causal_lm, load_lm_tokenizer
@@ -78,12 +78,7 @@ class CausalLMModule(L.LightningModule):
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"Expected `lr` > 0 but got {lr!r}.")
-        if not weight_decay >= 0:
-            raise ValueError(f"Expected `weight_decay` >= 0 but got {weight_decay!r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"Expected `warmup_ratio` in [0, 1) but got {warmup_ratio!r}.")
+        check_optimizer_args(lr, weight_decay, warmup_ratio)
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"Expected `prompts` to be a list of strings but got {prompts!r}.")
         self.save_hyperparameters(ignore=["model", "tokenizer"])

@@ -50,6 +50,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 
+def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float) -> None:
+    """Refuse what :func:`adamw_with_warmup` cannot use, when a module is built."""
+    if not lr > 0:
+        raise ValueError(f"Expected `lr` > 0 but got {lr!r}.")
+    if not weight_decay >= 0:
+        raise ValueError(f"Expected `weight_decay` >= 0 but got {weight_decay!r}.")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"Expected `warmup_ratio` in [0, 1) but got {warmup_ratio!r}.")
+
+
 def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
     """AdamW over the parameters that require grad (``module.hparams``: ``lr``,
     ``weight_decay``, ``warmup_ratio``), with a linear warm-up over that share of the
@@ -96,12 +106,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"Expected `net` to be a torch.nn.Module but got {type(net).__name__}.")
-        if not lr > 0:
-            raise ValueError(f"Expected `lr` > 0 but got {lr!r}.")
-        if not weight_decay >= 0:
-            raise ValueError(f"Expected `weight_decay` >= 0 but got {weight_decay!r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"Expected `warmup_ratio` in [0, 1) but got {warmup_ratio!r}.")
+        check_optimizer_args(lr, weight_decay, warmup_ratio)
         if num_classes is None:
             num_classes = getattr(getattr(net, "classifier", None), "out_features", None)
             if num_classes is None:
