@@ -4,8 +4,6 @@ The core (config, layers, injection, merge, checkpoints, adapter files) is plain
 the Lightning callback sits on top of it and the Hydra app on top of that.
 """
 
-from .adapter_io import load_adapter, load_adapters, read_adapter, save_adapter, save_adapters
-from .adapter_state import adapter_state_dict, load_adapter_state_dict
 from .adapters import (
     active_adapters,
     delete_adapter,
@@ -13,36 +11,47 @@ from .adapters import (
     per_sample_adapters,
     set_adapter,
 )
+from .checkpoint.adapter_state import adapter_state_dict, load_adapter_state_dict
+from .checkpoint.fingerprint import base_fingerprint
 from .combine import combine_adapters
 from .config import LoRAConfig
 from .errors import (
+    AdapterConflictError,
     AdapterFileError,
     AdapterLoadError,
+    ArgumentError,
+    ArgumentTypeError,
     CheckpointMismatchError,
     CheckpointReadError,
     ConfigError,
+    LayerTypeError,
     LoRAError,
+    MergedLayersError,
+    NoAdaptersError,
+    OptimizerCoverageError,
+    PerSampleError,
     StateDictMismatchError,
     TargetMatchError,
     TiedWeightError,
     UnsafeFileError,
     UnsupportedModuleError,
 )
-from .fingerprint import base_fingerprint
 from .inject import InjectionReport, inject_lora, lora_layers
-from .layer_base import LoRALayer
+from .io.adapter_files import load_adapter, load_adapters, read_adapter, save_adapter, save_adapters
+from .io.safe_load import read_checkpoint
+from .layers import LoRALayer, LoRAVariant, layer_types, register_layer_type
 from .merge import disable_adapters, merge_lora, merged_state_dict, unload_lora, unmerge_lora
+from .optim import lora_param_groups
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, plan_injection
 from .registry import AdapterNameError
-from .safe_load import read_checkpoint
 
 __version__ = "0.1.0"
 
 # Lightning-facing names load lazily, so the plain-PyTorch core never imports Lightning.
 _LAZY = {
-    "LoRACallback": "callback",
-    "load_lora_checkpoint": "loading",
+    "LoRACallback": "lightning.callback",
+    "load_lora_checkpoint": "lightning.loading",
 }
 
 
@@ -55,19 +64,28 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AdapterConflictError",
     "AdapterFileError",
     "AdapterLoadError",
     "AdapterNameError",
+    "ArgumentError",
+    "ArgumentTypeError",
     "CheckpointMismatchError",
     "CheckpointReadError",
     "ConfigError",
     "InjectionPlan",
     "InjectionReport",
+    "LayerTypeError",
     "LoRACallback",
     "LoRAConfig",
     "LoRAError",
     "LoRALayer",
+    "LoRAVariant",
+    "MergedLayersError",
+    "NoAdaptersError",
+    "OptimizerCoverageError",
     "ParamCount",
+    "PerSampleError",
     "StateDictMismatchError",
     "TargetMatchError",
     "TiedWeightError",
@@ -81,18 +99,21 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "inject_lora",
+    "layer_types",
     "list_adapters",
     "load_adapter",
     "load_adapter_state_dict",
     "load_adapters",
     "load_lora_checkpoint",
     "lora_layers",
+    "lora_param_groups",
     "merge_lora",
     "merged_state_dict",
     "per_sample_adapters",
     "plan_injection",
     "read_adapter",
     "read_checkpoint",
+    "register_layer_type",
     "save_adapter",
     "save_adapters",
     "set_adapter",

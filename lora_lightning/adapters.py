@@ -20,7 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .layers_mha import LoRAMultiheadAttention, unblock_fast_paths
+from .errors import MergedLayersError, PerSampleError
+from .layers import unblock_fast_paths
 from .registry import (
     REGISTRY_ATTR,
     AdapterNameError,
@@ -81,10 +82,7 @@ def activate(model: nn.Module, names: Sequence[str]) -> None:
     merged = [n for n, m in layers.items() if m.merged]
     if merged and any(set(m.lora_active) != set(names) & set(m.lora_specs)
                       for m in layers.values()):
-        raise RuntimeError(
-            f"cannot switch adapters while {len(merged)} layer(s) are merged (for example "
-            f"{merged[0]!r}): the merged update would stay in the weights. Call "
-            "unmerge_lora(model) first.")
+        raise MergedLayersError(f"switching adapters to {list(names)}", merged)
     heads = _heads_for(reg, names)
     for layer in layers.values():
         layer.lora_active = [n for n in names if n in layer.lora_specs]
@@ -132,8 +130,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers = lora_layers(model)
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
-        raise RuntimeError(f"cannot delete adapter {name!r} while {len(merged)} layer(s) are "
-                           f"merged (for example {merged[0]!r}); call unmerge_lora(model) first.")
+        raise MergedLayersError(f"deleting adapter {name!r}", merged)
     remaining = [a for a in reg.active if a != name]
     for layer in layers.values():
         if name in layer.lora_specs:
@@ -183,22 +180,22 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
     """Inside the block, sample ``i`` of each batch uses adapter ``adapter_names[i]``
     (``None``: the base model alone; batch dimension first).
 
-    Layers must not be merged; ``nn.MultiheadAttention`` adapters are not supported here.
+    Layers must not be merged; a layer type that applies its adapter as a weight update
+    (``nn.MultiheadAttention``) refuses with :class:`~lora_lightning.errors.PerSampleError`.
     """
     names = list(adapter_names)
     for n in {n for n in names if n is not BASE}:
         known(model, n)
     reg = find_registry(model)
     layers = lora_layers(model)
-    if any(m.merged for m in layers.values()):
-        raise RuntimeError("per_sample_adapters: some layers are merged; call "
-                           "unmerge_lora(model) first.")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise MergedLayersError("per_sample_adapters", merged)
     used = sorted({n for n in names if n is not BASE})
-    mha = [n for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)
-           and set(used) & set(m.lora_specs)]
-    if mha:
-        raise RuntimeError(f"per_sample_adapters: {mha[0]!r} is an nn.MultiheadAttention, whose "
-                           "adapter is a weight update and cannot differ per sample.")
+    whole = [n for n, m in layers.items() if not m.supports_per_sample
+             and set(used) & set(m.lora_specs)]
+    if whole:
+        raise PerSampleError(layers[whole[0]]._lora_base_class.__name__, whole[0])
     device = next(model.parameters()).device
     groups = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
               for n in used}

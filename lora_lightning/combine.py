@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoRAConfig
-from .layer_base import LoRALayer
+from .errors import ArgumentError, MergedLayersError
+from .layers import LoRALayer
 from .registry import AdapterNameError, check_name, find_registry, known, lora_layers
 
 COMBINATIONS = ("cat", "linear", "svd")
@@ -43,11 +44,13 @@ def _factors(layer: LoRALayer, sources: list[tuple[str, float]], how: str, r: in
     if how == "linear":
         ranks = {a.shape[0] for a, _, _ in parts}
         if len(ranks) > 1:
-            raise ValueError(f"combination 'linear' needs equal ranks on a layer; got {sorted(ranks)}"
-                             ". Use 'cat' or 'svd'.")
+            raise ArgumentError("combine_adapters", "combination", how,
+                                f"'linear' needs equal ranks on a layer, and they are "
+                                f"{sorted(ranks)}; use 'cat' or 'svd'")
         if any(ws < 0 for _, _, ws in parts):
-            raise ValueError("combination 'linear' needs weights >= 0 (it takes square roots); "
-                             "use 'cat' or 'svd' for negative weights.")
+            raise ArgumentError("combine_adapters", "combination", how,
+                                "'linear' needs weights >= 0 (it takes square roots); use "
+                                "'cat' or 'svd' for negative weights")
         return (sum(math.sqrt(ws) * a for a, _, ws in parts),
                 sum(math.sqrt(ws) * b for _, b, ws in parts))
     a0, b0 = parts[0][0], parts[0][1]
@@ -72,20 +75,23 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
         raise AdapterNameError(name, list(reg.configs), "a new name (that one exists; "
                                "delete_adapter it first to replace it)")
     if combination not in COMBINATIONS:
-        raise ValueError(f"combine_adapters.combination: got {combination!r}; expected one of "
-                         f"{list(COMBINATIONS)}.")
+        raise ArgumentError("combine_adapters", "combination", combination,
+                            f"expected one of {list(COMBINATIONS)}")
     if len(weights) != len(sources) or not sources:
-        raise ValueError(f"combine_adapters: got {len(sources)} adapter(s) and {len(weights)} "
-                         "weight(s); give one weight per adapter (at least one).")
+        raise ArgumentError("combine_adapters", "weights", list(weights),
+                            f"expected one weight per adapter ({len(sources)} adapter(s), at "
+                            "least one)")
     if any(reg.configs[a].use_dora for a in sources):
-        raise ValueError("combine_adapters: DoRA adapters cannot be combined (their magnitude "
-                         "vectors do not add up); combine plain LoRA adapters.")
+        raise ArgumentError("combine_adapters", "adapters", list(adapters),
+                            "DoRA adapters cannot be combined (their magnitude vectors do not "
+                            "add up); combine plain LoRA adapters")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-        raise ValueError(f"combine_adapters.r: got {r!r}; expected an integer >= 1.")
+        raise ArgumentError("combine_adapters", "r", r, "expected an integer >= 1")
     layers = {n: m for n, m in lora_layers(model).items()
               if any(a in m.lora_specs for a in sources)}
-    if any(m.merged for m in layers.values()):
-        raise RuntimeError("combine_adapters: unmerge_lora(model) first.")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise MergedLayersError("combine_adapters", merged)
     rank = r or max(reg.configs[a].r for a in sources)
     with torch.no_grad():
         made = {n: _factors(m, [(a, w) for a, w in zip(sources, weights, strict=True)
@@ -94,7 +100,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     for n, (a, b) in made.items():
         layer = layers[n]
         k = a.shape[0]
-        layer.add_adapter(name, k, float(k), 1.0, 0.0, "kaiming", False)
+        layer.add_adapter(name, k, float(k), 1.0, 0.0, "kaiming")
         new_a, new_b = layer._ab(name)
         with torch.no_grad():
             new_a.copy_(a.to(new_a.dtype))

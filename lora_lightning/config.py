@@ -133,6 +133,10 @@ class LoRAConfig:
     """Modules trained fully (for example a new classifier head); exact name or suffix."""
     use_dora: bool = False
     """DoRA: a trainable magnitude per output with the direction W + ΔW normalised."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the ``B`` factors train with this many times the learning rate (2 to 16 in
+    the paper). Applied by :func:`~lora_lightning.optim.lora_param_groups`, which an
+    optimizer must be built from; ``None``: one learning rate for every tensor."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int):
@@ -164,6 +168,14 @@ class LoRAConfig:
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "expected True or False", TypeError)
+        if self.loraplus_lr_ratio is not None:
+            ratio = self.loraplus_lr_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+                _fail("loraplus_lr_ratio", ratio, "expected a number > 0 or None", TypeError)
+            if not (ratio > 0 and _finite(ratio)):
+                _fail("loraplus_lr_ratio", ratio,
+                      "expected a finite number > 0 (LoRA+ uses 2 to 16), or None")
+            self.loraplus_lr_ratio = float(ratio)
         if self.init not in INIT_MODES:
             _fail("init", self.init, f"expected one of {list(INIT_MODES)}")
         if self.bias not in BIAS_MODES:

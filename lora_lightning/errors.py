@@ -142,3 +142,115 @@ class UnsafeFileError(CheckpointReadError):
             "if you made this file yourself or trust who did.",
             path,
         )
+
+
+class ArgumentError(LoRAError, ValueError):
+    """A function argument has a bad value.
+
+    Attributes:
+        function: the function or class (``"load_adapter"``).
+        argument: the argument's name.
+        value: the value received.
+        allowed: what would work, in words.
+    """
+
+    def __init__(self, function: str, argument: str, value: Any, allowed: str) -> None:
+        self.function, self.argument, self.value, self.allowed = (
+            function, argument, value, allowed)
+        super().__init__(f"{function}.{argument}: got {value!r}; {allowed}.")
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """A function argument has the wrong type."""
+
+    def __init__(self, function: str, argument: str, value: Any, allowed: str) -> None:
+        super().__init__(function, argument, value, allowed)
+        self.args = (f"{function}.{argument}: expected {allowed}, got "
+                     f"{type(value).__name__}.",)
+
+
+class NoAdaptersError(LoRAError, ValueError):
+    """An operation needs LoRA layers (or adapters) and the model has none.
+
+    Attributes:
+        operation: what was asked (``"save_adapter"``).
+    """
+
+    def __init__(self, operation: str, what: str = "LoRA layers") -> None:
+        self.operation = operation
+        super().__init__(f"{operation}: the model has no {what}; call inject_lora(model, "
+                         "config) first.")
+
+
+class MergedLayersError(LoRAError, RuntimeError):
+    """An operation that needs unmerged layers met merged ones: the one "layers are
+    merged" error.
+
+    Attributes:
+        operation: what was refused.
+        layers: the merged layers' names (empty when a single layer refuses).
+        fix: what to do instead.
+    """
+
+    def __init__(self, operation: str, layers: list[str] | tuple[str, ...] = (),
+                 fix: str = "call unmerge_lora(model) first") -> None:
+        self.operation, self.layers, self.fix = operation, list(layers), fix
+        where = (f"{len(self.layers)} layer(s) are merged (for example {self.layers[0]!r})"
+                 if self.layers else "the layer is merged")
+        super().__init__(f"{operation} is refused: {where}, and merged updates live in the "
+                         f"weights. {fix[0].upper()}{fix[1:]}.")
+
+
+class AdapterConflictError(LoRAError, ValueError):
+    """An adapter name is already injected with other settings.
+
+    Attributes:
+        adapter: the adapter name.
+        existing: what the model holds (a config, or a layer's settings).
+        requested: what was asked for.
+    """
+
+    def __init__(self, adapter: str, existing: Any, requested: Any, message: str) -> None:
+        self.adapter, self.existing, self.requested = adapter, existing, requested
+        super().__init__(message)
+
+
+class PerSampleError(LoRAError, RuntimeError):
+    """A layer type that cannot apply a different adapter to each sample of a batch.
+
+    Attributes:
+        module_type: the base type's name.
+    """
+
+    def __init__(self, module_type: str, name: str | None = None) -> None:
+        self.module_type, self.name = module_type, name
+        where = f"{name!r} is an nn.{module_type}" if name else f"an nn.{module_type} layer"
+        super().__init__(
+            f"per_sample_adapters: {where}, whose adapter is applied as a weight update and "
+            "cannot differ per sample; run one adapter at a time (set_adapter), or leave it "
+            "out of the adapters' targets.")
+
+
+class LayerTypeError(LoRAError, TypeError):
+    """``register_layer_type`` got a pair of classes that cannot work together.
+
+    Attributes:
+        base_class: the module type received.
+        lora_class: the LoRA type received.
+    """
+
+    def __init__(self, base_class: Any, lora_class: Any, allowed: str) -> None:
+        self.base_class, self.lora_class = base_class, lora_class
+        super().__init__(f"register_layer_type({base_class!r}, {lora_class!r}): {allowed}.")
+
+
+class OptimizerCoverageError(LoRAError, RuntimeError):
+    """Trainable parameters that no optimizer holds, so they would never train.
+
+    Attributes:
+        names: the parameters' names.
+    """
+
+    def __init__(self, names: list[str], message: str) -> None:
+        self.names = list(names)
+        super().__init__(message)

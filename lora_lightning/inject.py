@@ -17,8 +17,8 @@ from torch import nn
 
 from .adapters import activate, assign_heads
 from .config import LoRAConfig
-from .layer_base import DEFAULT_ADAPTER, LoRALayer
-from .layers_mha import block_fast_paths
+from .errors import AdapterConflictError, ArgumentTypeError, MergedLayersError
+from .layers import DEFAULT_ADAPTER, LoRALayer, block_fast_paths, variant_for
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, Skipped, plan_injection
 from .registry import (
@@ -106,28 +106,28 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
     (['0'], 16)
     """
     if not isinstance(config, LoRAConfig):
-        raise TypeError(f"inject_lora: expected a LoRAConfig, got {type(config).__name__}.")
+        raise ArgumentTypeError("inject_lora", "config", config, "a LoRAConfig")
     check_name(adapter)
     reg = model.__dict__.get(REGISTRY_ATTR)
     existing = reg.configs.get(adapter) if reg else None
     if existing is not None and existing != config:
-        raise ValueError(
+        raise AdapterConflictError(adapter, existing, config,
             f"inject_lora: this model was already injected with a different config for "
             f"adapter {adapter!r} ({existing}); got {config}. Call unload_lora(model) or "
             "delete_adapter(model, name) first to change it, or use another adapter name."
         )
     plan = plan_injection(model, config, adapter)
-    if any(model.get_submodule(n).merged for n in plan.new
-           if isinstance(model.get_submodule(n), LoRALayer)):
-        raise RuntimeError(f"inject_lora: cannot add adapter {adapter!r} while layers are "
-                           "merged; call unmerge_lora(model) first.")
+    merged = [n for n in plan.new if isinstance(model.get_submodule(n), LoRALayer)
+              and model.get_submodule(n).merged]
+    if merged:
+        raise MergedLayersError(f"inject_lora: adding adapter {adapter!r}", merged)
     for name, planned in plan.new.items():
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
             module.__class__ = planned.lora_class
             module._lora_setup()
         module.add_adapter(adapter, planned.r, planned.alpha, planned.scaling, config.dropout,
-                           config.init, config.use_dora)
+                           config.init, variant_for(config))
     reg = model.__dict__.setdefault(REGISTRY_ATTR, AdapterRegistry())
     reg.configs[adapter] = config
     for name in plan.new:

@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from .errors import TiedWeightError
-from .layer_base import LoRALayer
-from .layers_mha import unblock_fast_paths
+from .layers import LoRALayer, unblock_fast_paths
 from .registry import REGISTRY_ATTR, lora_layers, lora_param_keys
 
 _UNTIE = ("Call merge_lora(model, untie=True) to give the adapted module its own copy of the "
@@ -29,10 +28,6 @@ _NO_EXPORT = ("A merged state dict cannot hold two values for a tensor the plain
               "(for transformers, tie_word_embeddings=False) before training.")
 
 
-def _weight_name(layer: LoRALayer) -> str:
-    return "in_proj_weight" if "in_proj_weight" in layer._parameters else "weight"
-
-
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:
     """Adapted module -> the other parameter names that share its weight tensor."""
     holders: dict[int, list[str]] = defaultdict(list)
@@ -40,8 +35,8 @@ def tied_weights(model: nn.Module) -> dict[str, list[str]]:
         holders[id(p)].append(name)
     out = {}
     for name, layer in lora_layers(model).items():
-        own = f"{name}.{_weight_name(layer)}" if name else _weight_name(layer)
-        others = [n for n in holders[id(layer.weight)] if n != own]
+        own = f"{name}.{layer.weight_name}" if name else layer.weight_name
+        others = [n for n in holders[id(layer.base_weight())] if n != own]
         if others:
             out[name] = others
     return out
@@ -56,7 +51,7 @@ def _check_tied(model: nn.Module, layers: list[LoRALayer], untie: bool, hint: st
             continue
         if not untie:
             raise TiedWeightError(name, tied[name], hint)
-        attr = _weight_name(layer)
+        attr = layer.weight_name
         w = getattr(layer, attr)
         setattr(layer, attr, nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad))
 
@@ -95,7 +90,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         name = next(iter(tied))
         raise TiedWeightError(name, tied[name], _NO_EXPORT)
     adapter_keys = lora_param_keys(model)
-    merged = {f"{name}.{_weight_name(layer)}": layer.merged_weight()
+    merged = {f"{name}.{layer.weight_name}": layer.merged_weight()
               for name, layer in layers.items()}
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():

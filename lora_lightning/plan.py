@@ -9,10 +9,15 @@ Matching is strict: every entry of a list field (``target_modules``, ``exclude_m
 ``alpha_pattern`` key must match at least one module, or a :class:`TargetMatchError`
 names the entry and the nearest real names. A misspelled entry is never silently ignored.
 
-The ``"all-linear"`` rule: every ``nn.Linear`` (or subclass that keeps ``Linear.forward``),
-HF ``Conv1D`` and ``nn.MultiheadAttention``, except modules inside an output head: the
-model's ``get_output_embeddings()``, any module whose own name is one of
-:data:`HEAD_NAMES`, and ``modules_to_save``, each with everything below it.
+The ``"all-linear"`` rule: every module whose LoRA type says ``all_linear`` (``nn.Linear``
+or a subclass that keeps ``Linear.forward``, HF ``Conv1D``, ``nn.MultiheadAttention``),
+except modules inside an output head: the model's ``get_output_embeddings()``, any module
+whose own name is one of :data:`HEAD_NAMES`, and ``modules_to_save``, each with everything
+below it.
+
+What a module type can carry is asked of its LoRA type (``layers.base`` describes the
+contract): whether a module qualifies, and which children are adapted with it
+(``companions``, as MultiheadAttention's ``out_proj``).
 """
 
 from __future__ import annotations
@@ -24,10 +29,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig, entry_matches, name_matches, pattern_key_matches
-from .errors import TargetMatchError, UnsupportedModuleError
-from .layer_base import DEFAULT_ADAPTER
-from .layers import LoRAEmbedding, LoRALayer, hf_conv1d_type, lora_type_for, type_name
-from .layers_mha import LoRAMultiheadAttention
+from .errors import AdapterConflictError, TargetMatchError, UnsupportedModuleError
+from .layers import DEFAULT_ADAPTER, LoRALayer, lora_type_for, registered_type
+from .layers.base import type_name
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer")
 """Module names that ``"all-linear"`` treats as output heads (with their children)."""
@@ -124,29 +128,34 @@ def _heads(model: nn.Module, saved: set[str]) -> set[str]:
     return heads
 
 
-def _linear_like(module: nn.Module, parent: nn.Module | None) -> bool:
-    t = module._lora_base_class if isinstance(module, LoRALayer) else type(module)
-    if isinstance(parent, nn.MultiheadAttention) and isinstance(module, nn.Linear):
-        return False  # MHA's out_proj: adapted as part of its MultiheadAttention
-    return issubclass(t, nn.Linear | nn.MultiheadAttention) or t is hf_conv1d_type()
+def _companion_of(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
+    """The child name under which ``parent``'s LoRA type adapts ``module`` with it, if any."""
+    if parent is None:
+        return None
+    cls = registered_type(type(parent))
+    if cls is None:
+        return None
+    child = name.rpartition(".")[2]
+    own = cls.companions(parent)
+    return child if own.get(child) is module else None
+
+
+def _linear_like(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    if _companion_of(name, module, parent) is not None:
+        return False  # adapted as part of its parent
+    cls = registered_type(type(module))
+    return cls is not None and cls.all_linear
 
 
 def _layer_type(name: str, module: nn.Module, parent: nn.Module | None,
                 config: LoRAConfig) -> type | str:
     """The LoRA class for ``module``, or the reason it cannot carry an adapter."""
-    if isinstance(module, LoRALayer):  # adding another adapter: only the config can refuse
-        if isinstance(module, LoRAMultiheadAttention | LoRAEmbedding) and config.use_dora:
-            return f"is an nn.{module._lora_base_class.__name__}, which DoRA does not support"
-        if isinstance(module, LoRAMultiheadAttention) and config.dropout:
-            return ("is an nn.MultiheadAttention, whose adapter is applied as a weight update; "
-                    "use dropout=0 or exclude it.")
-        return type(module)
-    if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
-        return (f"is the out_proj of the nn.MultiheadAttention {name.rpartition('.')[0]!r}, which "
-                "reads its weight directly and never calls it; target the MultiheadAttention "
-                "module itself (it adapts both the packed in_proj and out_proj)")
-    if isinstance(module, nn.MultiheadAttention):
-        return LoRAMultiheadAttention.check(module, config)
+    if _companion_of(name, module, parent) is not None and not isinstance(module, LoRALayer):
+        parent_name = name.rpartition(".")[0]
+        kind = parent._lora_base_class if isinstance(parent, LoRALayer) else type(parent)
+        return (f"is the {name.rpartition('.')[2]} of the nn.{kind.__name__} {parent_name!r}, "
+                "which reads its weight directly and never calls it; target the "
+                f"{kind.__name__} module itself (it adapts both)")
     return lora_type_for(module, config)
 
 
@@ -171,11 +180,11 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
         module = modules[name]
         parent_name = name.rpartition(".")[0]
         parent = modules[parent_name]
-        if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj and (
-                parent_name in plan.new or parent_name in plan.existing):
-            continue  # planned with its attention module, below
+        if (parent_name in plan.new or parent_name in plan.existing) and _companion_of(
+                name, module, parent) is not None:
+            continue  # planned with its parent, below
         if all_linear:
-            if not _linear_like(module, parent):
+            if not _linear_like(name, module, parent):
                 continue
         elif not name_matches(name, config.target_modules):
             continue
@@ -198,13 +207,15 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
                 plan.skipped.append(Skipped(name, kind.__name__, cls))
                 continue
             raise _unsupported(name, module, cls)
-        plan.new[name] = _planned(name, kind, cls, config)
-        if issubclass(cls, LoRAMultiheadAttention):
-            # MHA reads out_proj's weight directly: adapt it with the same rank and alpha.
-            out, mha = module.out_proj, plan.new[name]
-            out_cls = type(out) if isinstance(out, LoRALayer) else lora_type_for(out, config)
-            plan.new[f"{name}.out_proj"] = PlannedLayer(
-                f"{name}.out_proj", type(out).__name__, out_cls, mha.r, mha.alpha, mha.scaling)
+        plan.new[name] = planned = _planned(name, kind, cls, config)
+        for child, companion in cls.companions(module).items():
+            # Adapted with its parent, with the same rank and alpha.
+            sub = f"{name}.{child}"
+            sub_cls = lora_type_for(companion, config)
+            if isinstance(sub_cls, str):
+                raise _unsupported(sub, companion, sub_cls)
+            plan.new[sub] = PlannedLayer(sub, type(companion).__name__, sub_cls, planned.r,
+                                         planned.alpha, planned.scaling)
     if not plan.new and not plan.existing:
         raise _nothing_matched(model, config, plan)
     _check_pattern_keys(config, names)
@@ -220,7 +231,7 @@ def _check_existing(name: str, module: LoRALayer, config: LoRAConfig, adapter: s
     want = (config.rank_for(name), config.alpha_for(name), config.use_dora)
     spec = module.lora_specs[adapter]
     if (spec.r, spec.alpha, spec.use_dora) != want:
-        raise ValueError(
+        raise AdapterConflictError(adapter, spec, config,
             f"inject_lora: module {name!r} already has an adapter with r={spec.r}, "
             f"alpha={spec.alpha:g}, dora={spec.use_dora}; the config asks for "
             f"r={want[0]}, alpha={want[1]:g}, dora={want[2]}. Call unload_lora(model) first "

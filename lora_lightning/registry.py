@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .errors import ConfigError
-from .layer_base import ADAPTER_NAME, DEFAULT_ADAPTER, LoRALayer
+from .layers.base import ADAPTER_NAME, DEFAULT_ADAPTER, LoRALayer
 
 REGISTRY_ATTR = "_lora_registry"
 OWNER_ATTR = "_lora_owner_registry"

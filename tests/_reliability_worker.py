@@ -422,7 +422,7 @@ _KINDS = {"train": _train, "adapter_save": _adapter_save, "file_too_large": _fil
 # What the forkserver imports once. Not this module: Python 3.11's forkserver ignores the
 # parent's sys.path, so it cannot find tests/ (each child then imports this module itself,
 # which is cheap once these are loaded).
-_PRELOAD = ["torch", "lightning.pytorch", "lora_lightning", "lora_lightning.callback",
+_PRELOAD = ["torch", "lightning.pytorch", "lora_lightning", "lora_lightning.lightning.callback",
             "safetensors.torch"]
 
 

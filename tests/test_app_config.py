@@ -263,10 +263,10 @@ def test_every_component_node_has_a_target(tmp_path):
 
 def test_core_never_imports_hydra():
     code = (
-        "import sys, lora_lightning, lora_lightning.callback, lora_lightning.loading, "
-        "lora_lightning.summary, lora_lightning.merge, lora_lightning.adapter_io, "
-        "lora_lightning.ckpt_meta, lora_lightning.ckpt_checks, lora_lightning.restore, "
-        "lora_lightning.safe_load, lora_lightning.checkpoint_io, lora_lightning.examples\n"
+        "import sys, lora_lightning, lora_lightning.lightning.callback, lora_lightning.lightning.loading, "
+        "lora_lightning.summary, lora_lightning.merge, lora_lightning.io.adapter_files, "
+        "lora_lightning.checkpoint.meta, lora_lightning.checkpoint.checks, lora_lightning.checkpoint.restore, "
+        "lora_lightning.io.safe_load, lora_lightning.lightning.checkpoint_io, lora_lightning.examples\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf'))\n"
         "assert not bad, bad\n"
     )

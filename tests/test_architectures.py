@@ -41,7 +41,7 @@ from lora_lightning import (
     save_adapter,
     unmerge_lora,
 )
-from lora_lightning.peft_format import to_peft_keys
+from lora_lightning.io.peft_format import to_peft_keys
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lora_lightning.callback as callback_module
+import lora_lightning.lightning.callback as callback_module
 from lora_lightning import (
     LoRACallback,
     LoRAConfig,

@@ -222,7 +222,7 @@ def test_every_peft_lora_config_field_is_known():
     import dataclasses
 
     peft = pytest.importorskip("peft")
-    from lora_lightning.peft_format import KNOWN_FIELDS
+    from lora_lightning.io.peft_format import KNOWN_FIELDS
 
     theirs = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert theirs <= KNOWN_FIELDS, sorted(theirs - KNOWN_FIELDS)

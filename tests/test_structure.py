@@ -118,9 +118,9 @@ def _calls(attr_chain: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("call", "home"), [
-    ("torch.load", "lora_lightning.safe_load"),
-    ("os.replace", "lora_lightning.atomic"),
-    ("os.fsync", "lora_lightning.atomic"),
+    ("torch.load", "lora_lightning.io.safe_load"),
+    ("os.replace", "lora_lightning.io.atomic"),
+    ("os.fsync", "lora_lightning.io.atomic"),
 ])
 def test_one_idea_lives_in_one_module(call, home):
     sites = _calls(call)

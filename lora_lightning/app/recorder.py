@@ -222,7 +222,7 @@ class RunRecorder(Callback):
             logger.log_hyperparams(params)
 
     def _all_hparams(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        from lora_lightning.callback import LoRACallback
+        from lora_lightning.lightning.callback import LoRACallback
         from lora_lightning.summary import hparams_for, module_hparams
 
         params = module_hparams(trainer, pl_module)  # what Lightning logs itself
@@ -243,7 +243,7 @@ class RunRecorder(Callback):
         )
         if trainer.global_rank != 0:
             return
-        from lora_lightning.callback import LoRACallback
+        from lora_lightning.lightning.callback import LoRACallback
 
         if any(isinstance(cb, LoRACallback) for cb in trainer.callbacks):
             return  # it logs these tags itself

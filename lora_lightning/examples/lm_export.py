@@ -38,7 +38,7 @@ from torch import nn
 from typing_extensions import override
 
 from lora_lightning import lora_layers, read_checkpoint, save_adapter, unload_lora
-from lora_lightning.ckpt_meta import META_KEY
+from lora_lightning.checkpoint.meta import META_KEY
 from lora_lightning.merge import tied_weights
 from lora_lightning.registry import REGISTRY_ATTR, find_registry
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = read_checkpoint(args.checkpoint).get(META_KEY)
         if meta is not None:
-            from lora_lightning.loading import load_lora_checkpoint
+            from lora_lightning.lightning.loading import load_lora_checkpoint
 
             module = load_lora_checkpoint(CausalLMModule, args.checkpoint, **kwargs)
         else:

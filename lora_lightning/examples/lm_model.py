@@ -135,7 +135,7 @@ def cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
             (tmp / _DONE).write_text("complete\n")
             shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from a crash
             # Publishing a finished folder (its files were written by transformers), one
-            # rename(2) under the lock; single files go through lora_lightning.atomic.
+            # rename(2) under the lock; single files go through lora_lightning.io.atomic.
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,14 +13,14 @@ from typing import Any, TypeVar
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from .ckpt_meta import META_KEY
-from .config import LoRAConfig
-from .errors import CheckpointReadError, TargetMatchError
-from .inject import inject_lora
-from .layer_base import DEFAULT_ADAPTER
-from .merge import merge_lora
-from .restore import prepare_lora_state
-from .safe_load import read_checkpoint
+from ..checkpoint.meta import META_KEY
+from ..checkpoint.restore import prepare_lora_state
+from ..config import LoRAConfig
+from ..errors import CheckpointMismatchError, CheckpointReadError, TargetMatchError
+from ..inject import inject_lora
+from ..io.safe_load import read_checkpoint
+from ..layers.base import DEFAULT_ADAPTER
+from ..merge import merge_lora
 
 __all__ = ["CheckpointReadError", "load_lora_checkpoint", "read_checkpoint"]
 
@@ -71,7 +71,7 @@ def load_lora_checkpoint(
     meta = ckpt.get(META_KEY)
     if config is None:
         if meta is None:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"load_lora_checkpoint: {str(checkpoint_path)!r} has no LoRA metadata; pass "
                 "config=LoRAConfig(...) with the settings it was trained with."
             )

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layer_base import LoRALayer
-from .layers import type_name
+from .base import LoRALayer
+from .types import register_layer_type
 
 _FASTPATH_ATTR = "_lora_no_fastpath"
 _NESTED_ATTR = "_lora_use_nested_tensor"
@@ -50,60 +50,61 @@ def _weight_as(module: nn.Module, name: str, value: Tensor) -> Iterator[None]:
 def _effective(layer: LoRALayer) -> Tensor:
     """The weight a layer computes with: the weight (with any merged adapters) plus the
     update of every active adapter that is not merged."""
-    w = layer.weight
+    w = layer.base_weight()
     names = layer._pending()
     if not names:
         return w
-    if layer.lora_groups is not None:
-        raise RuntimeError("per-sample adapters are not supported for nn.MultiheadAttention "
-                           "(its adapter is applied as a weight update); run one adapter at "
-                           "a time.")
-    return layer._combined(names).to(w.dtype)
+    return layer.out_first(layer.combined_weight(names)).to(w.dtype)
 
 
 class LoRAMultiheadAttention(LoRALayer, nn.MultiheadAttention):
     """LoRA on ``nn.MultiheadAttention`` (packed q/k/v projection, no DoRA, no dropout)."""
 
     _lora_base_class = nn.MultiheadAttention
+    weight_name = "in_proj_weight"
+    all_linear = True
+    supports_per_sample = False
+    supports_dropout = False
+    supported_variants = ()
 
     # The packed input projection is this layer's adapted weight.
     weight = property(lambda self: self.in_proj_weight)
     bias = property(lambda self: self.in_proj_bias)
 
-    @staticmethod
-    def check(module: nn.MultiheadAttention, config: Any) -> type | str:
-        """This class for ``module``, or the reason it cannot carry an adapter."""
-        t = type(module)
-        if t.forward is not nn.MultiheadAttention.forward:
-            return (f"has type {type_name(t)}, a subclass of "
-                    "nn.MultiheadAttention that overrides forward(); add it to "
-                    "exclude_modules.")
-        if not module._qkv_same_embed_dim:
+    @classmethod
+    def check_module(cls, module, config):
+        if not isinstance(module, LoRALayer) and not module._qkv_same_embed_dim:
             return ("is an nn.MultiheadAttention with kdim/vdim different from embed_dim "
                     "(separate q, k, v weights); LoRA supports the packed in_proj only. Add it "
                     "to exclude_modules.")
-        if config.use_dora:
-            return ("is an nn.MultiheadAttention, which DoRA does not support; use "
-                    "use_dora=False or exclude it.")
-        if config.dropout:
-            return (f"is an nn.MultiheadAttention, whose adapter is applied as a weight update, "
-                    f"so LoRA dropout (dropout={config.dropout}) cannot apply to its input; "
-                    "use dropout=0 or exclude it.")
-        return LoRAMultiheadAttention
+        return super().check_module(module, config)
 
-    def _lora_shapes(self, r):
+    @classmethod
+    def companions(cls, module):
+        # MHA reads out_proj's weight directly and never calls it: adapt it with the same
+        # rank and alpha, as part of the attention module.
+        return {"out_proj": module.out_proj}
+
+    def lora_shapes(self, r):
         return (r, self.embed_dim), (3 * self.embed_dim, r)
 
-    def _delta_native(self, a, b):
+    def delta_weight(self, a, b):
         return b.float() @ a.float()
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any,
                 **kwargs: Any) -> Any:
+        if self.lora_groups is not None and self._pending():
+            from ..errors import PerSampleError
+
+            raise PerSampleError("MultiheadAttention")
         with ExitStack() as stack:
             stack.enter_context(_weight_as(self, "in_proj_weight", _effective(self)))
             if isinstance(self.out_proj, LoRALayer):
                 stack.enter_context(_weight_as(self.out_proj, "weight", _effective(self.out_proj)))
             return nn.MultiheadAttention.forward(self, query, key, value, *args, **kwargs)
+
+
+register_layer_type(nn.MultiheadAttention, LoRAMultiheadAttention)
 
 
 def _no_fastpath_hook(module: nn.Module, args: Any) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
+from ..registry import lora_layers
 from .adapter_state import adapter_keys
 from .fingerprint import base_fingerprint
-from .registry import lora_layers
 
 META_KEY = "lora_lightning"
 META_VERSION = 1
@@ -31,7 +32,7 @@ def checkpoint_meta(model: nn.Module, config, mode: str, adapter: str | None = N
     """Metadata stored beside a LoRA training checkpoint's state dict (of one named
     adapter, or of the model's adapters when ``adapter`` is ``None``)."""
     if mode not in SAVE_MODES:
-        raise ValueError(f"checkpoint mode: got {mode!r}; expected one of {list(SAVE_MODES)}.")
+        raise ArgumentError("checkpoint_meta", "mode", mode, f"expected one of {list(SAVE_MODES)}")
     layers = adapter_layers(model, adapter)
     return {
         "version": META_VERSION,

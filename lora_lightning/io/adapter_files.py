@@ -1,9 +1,9 @@
 """Adapter directories in PEFT's on-disk format: save, read, load into a model.
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (key names and
-fields translated by :mod:`lora_lightning.peft_format`), so an adapter trained here loads
+fields translated by :mod:`lora_lightning.io.peft_format`), so an adapter trained here loads
 with ``PeftModel.from_pretrained`` and a PEFT adapter loads here. Both files are written
-through :mod:`lora_lightning.atomic`, so a crash mid-save never leaves a half-written
+through :mod:`lora_lightning.io.atomic`, so a crash mid-save never leaves a half-written
 adapter. Only safetensors weights are read by default.
 """
 
@@ -16,16 +16,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .adapter_state import adapter_keys, adapter_state_dict, load_adapter_state_dict
-from .adapters import activate, delete_adapter
-from .atomic import write_files
-from .config import LoRAConfig
-from .errors import AdapterFileError, AdapterLoadError
-from .inject import inject_lora
-from .layer_base import DEFAULT_ADAPTER, LoRALayer
-from .merge import unload_lora
-from .peft_format import CONFIG_NAME, from_peft_config, from_peft_keys, to_peft_config, to_peft_keys
-from .registry import (
+from ..adapters import activate, delete_adapter
+from ..checkpoint.adapter_state import adapter_keys, adapter_state_dict, load_adapter_state_dict
+from ..config import LoRAConfig
+from ..errors import AdapterFileError, AdapterLoadError, ArgumentError, NoAdaptersError
+from ..inject import inject_lora
+from ..layers.base import DEFAULT_ADAPTER, LoRALayer
+from ..merge import unload_lora
+from ..registry import (
     AdapterNameError,
     check_name,
     current_adapter,
@@ -35,6 +33,8 @@ from .registry import (
     lora_layers,
     lora_param_keys,
 )
+from .atomic import write_files
+from .peft_format import CONFIG_NAME, from_peft_config, from_peft_keys, to_peft_config, to_peft_keys
 from .safe_load import READ_ERRORS, torch_load
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,9 +56,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
     name = adapter or current_adapter(model)
     config = config or find_config(model, name)
     if config is None or not lora_layers(model):
-        raise ValueError(
-            "save_adapter: the model has no LoRA layers; call inject_lora(model, config) first."
-        )
+        raise NoAdaptersError("save_adapter")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     single = len(find_registry(model).configs) == 1 and adapter is None
@@ -176,8 +174,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     a difference is refused) or copied into it (``"apply"``).
     """
     if base_weights not in BASE_WEIGHT_RULES:
-        raise ValueError(f"load_adapter.base_weights: got {base_weights!r}; expected one of "
-                         f"{list(BASE_WEIGHT_RULES)}.")
+        raise ArgumentError("load_adapter", "base_weights", base_weights,
+                            f"expected one of {list(BASE_WEIGHT_RULES)}")
     name = check_name(adapter) if adapter is not None else DEFAULT_ADAPTER
     config, state = read_adapter(directory, trusted=trusted, adapter=name)
     source = str(Path(directory) / WEIGHTS_NAME)
@@ -226,7 +224,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     each other adapter in ``directory/<name>``. Returns the names saved."""
     names = list(find_registry(model).configs) if find_registry(model) else []
     if not names:
-        raise ValueError("save_adapters: the model has no adapters; call inject_lora first.")
+        raise NoAdaptersError("save_adapters", "adapters")
     for name in names:
         target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
         save_adapter(model, target, adapter=name)

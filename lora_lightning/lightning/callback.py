@@ -37,18 +37,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .adapter_io import save_adapter
-from .atomic import write_file
+from ..checkpoint.meta import SAVE_MODES
+from ..config import LoRAConfig
+from ..errors import ArgumentError, ArgumentTypeError, OptimizerCoverageError, TargetMatchError
+from ..inject import InjectionReport, inject_lora
+from ..io.adapter_files import save_adapter
+from ..io.atomic import write_file
+from ..layers.base import DEFAULT_ADAPTER
+from ..merge import merged_state_dict
+from ..optim import b_factor_ids
+from ..registry import check_name
+from ..summary import hparams_for, metrics_for, module_hparams, summary_table
 from .checkpoint_io import harden_checkpoint_io
-from .ckpt_meta import SAVE_MODES
-from .config import LoRAConfig
-from .errors import TargetMatchError
-from .inject import InjectionReport, inject_lora
-from .layer_base import DEFAULT_ADAPTER
-from .merge import merged_state_dict
 from .module_hooks import HookState, configure_model_then_inject, load_hook, save_hook, wrap_hook
-from .registry import check_name
-from .summary import hparams_for, metrics_for, module_hparams, summary_table
 
 _UNSET: Any = object()
 
@@ -97,13 +98,11 @@ class LoRACallback(Callback):
         if isinstance(config, Mapping):
             config = LoRAConfig.from_dict(dict(config))
         if not isinstance(config, LoRAConfig):
-            raise TypeError(
-                f"LoRACallback.config: expected a LoRAConfig or a mapping of its fields, got "
-                f"{type(config).__name__}."
-            )
+            raise ArgumentTypeError("LoRACallback", "config", config,
+                                    "a LoRAConfig or a mapping of its fields")
         if save_mode not in SAVE_MODES:
-            raise ValueError(f"LoRACallback.{argument}: got {save_mode!r}; expected one of "
-                             f"{list(SAVE_MODES)}.")
+            raise ArgumentError("LoRACallback", argument, save_mode,
+                                f"expected one of {list(SAVE_MODES)}")
         self.config = config
         self.save_mode = save_mode
         self.adapter = None if adapter is None else check_name(adapter)
@@ -170,6 +169,7 @@ class LoRACallback(Callback):
         _enable_input_grads_for_checkpointing(pl_module)
         if self.check_optimizer:
             _check_optimizers(trainer, pl_module)
+        _check_loraplus(trainer, pl_module, self.config)
         if self.report is None or trainer.global_rank != 0:
             return
         metrics = metrics_for(self.report)
@@ -230,13 +230,32 @@ def _check_optimizers(trainer: Trainer, pl_module: LightningModule) -> None:
     in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
     missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_opt]
     if missing:
-        raise RuntimeError(
+        raise OptimizerCoverageError(missing, (
             f"LoRACallback: {len(missing)} trainable parameter(s) are in no optimizer and would "
             f"never train: {missing[:10]}{' ...' if len(missing) > 10 else ''}. Build the "
-            "optimizer in configure_optimizers() from the parameters that require grad, e.g. "
-            "`torch.optim.AdamW([p for p in self.parameters() if p.requires_grad])`; do not "
-            "create it in __init__ or from a parameter list taken before LoRA was injected."
-        )
+            "optimizer in configure_optimizers() from lora_param_groups(self, lr=...) or from "
+            "the parameters that require grad, e.g. `torch.optim.AdamW([p for p in "
+            "self.parameters() if p.requires_grad])`; do not create it in __init__ or from a "
+            "parameter list taken before LoRA was injected."))
+
+
+def _check_loraplus(trainer: Trainer, pl_module: LightningModule, config: LoRAConfig) -> None:
+    """Warn when LoRA+ is configured but the optimizer gives B no larger learning rate."""
+    ratio = config.loraplus_lr_ratio
+    if ratio is None or ratio == 1.0:
+        return
+    lr_of = {id(p): g.get("lr") for opt in trainer.optimizers for g in opt.param_groups
+             for p in g["params"]}
+    b_ids = b_factor_ids(pl_module)
+    b_lrs = {lr_of[i] for i in b_ids if i in lr_of}
+    other = {lr_of[id(p)] for p in pl_module.parameters()
+             if p.requires_grad and id(p) not in b_ids and id(p) in lr_of}
+    if b_lrs and other and max(b_lrs) <= min(other):
+        rank_zero_warn(
+            f"LoRACallback: LoRAConfig.loraplus_lr_ratio={ratio:g}, but the optimizer gives the "
+            f"lora_B tensors learning rate(s) {sorted(b_lrs)}, no larger than the others' "
+            f"{sorted(other)}, so LoRA+ is not applied. Build the optimizer from "
+            "lora_param_groups(self, lr=...) in configure_optimizers().")
 
 
 def _enable_input_grads_for_checkpointing(pl_module: LightningModule) -> None:

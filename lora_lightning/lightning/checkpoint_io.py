@@ -3,9 +3,9 @@
 Lightning stages a checkpoint in the system temp dir and moves it into place; where that is
 another filesystem (a local ``/tmp``, a network checkpoint dir) the move is a copy into
 ``last.ckpt`` itself, and a kill mid-copy truncates it. Saves here go through
-:mod:`lora_lightning.atomic` (a hidden temporary beside the target, fsynced, renamed into
+:mod:`lora_lightning.io.atomic` (a hidden temporary beside the target, fsynced, renamed into
 place; write errors name the file). Loads go through
-:func:`~lora_lightning.safe_load.read_checkpoint`: CRCs checked, nothing but tensors and
+:func:`~lora_lightning.io.safe_load.read_checkpoint`: CRCs checked, nothing but tensors and
 plain data unpickled unless the caller passes ``weights_only=False``, and a damaged file's
 error is one :class:`CheckpointReadError` naming it.
 """
@@ -20,8 +20,8 @@ from typing import Any
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 
-from .atomic import write_file
-from .safe_load import read_checkpoint
+from ..io.atomic import write_file
+from ..io.safe_load import read_checkpoint
 
 
 def harden_checkpoint_io(trainer: Trainer) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointReadError, UnsafeFileError
+from ..errors import CheckpointReadError, UnsafeFileError
 
 SAFE_GLOBALS = frozenset({
     # OmegaConf containers, as Lightning pickles the hparams a Hydra app passes

@@ -15,12 +15,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .config import LoRAConfig
-from .errors import AdapterFileError, ConfigError
-from .layer_base import ADAPTER_PARAM_NAMES, DEFAULT_ADAPTER, LoRALayer, param_names
-from .layers import LoRAEmbedding
-from .layers_mha import LoRAMultiheadAttention
-from .registry import lora_layers
+from ..config import LoRAConfig
+from ..errors import AdapterFileError, ConfigError
+from ..layers import ADAPTER_PARAM_NAMES, DEFAULT_ADAPTER, VARIANTS, LoRALayer
+from ..layers.base import param_names
+from ..registry import lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -55,33 +54,40 @@ KNOWN_FIELDS = frozenset(_UNSUPPORTED) | frozenset(_INFO_TYPES) | frozenset(_TO_
 
 
 # -- key translation ------------------------------------------------------------------
-def _mha_out_projs(layers: dict[str, LoRALayer]) -> set[str]:
-    """Names of out_proj layers adapted as part of their nn.MultiheadAttention."""
-    return {f"{n}.out_proj" for n, m in layers.items() if isinstance(m, LoRAMultiheadAttention)}
+def _companions(layers: dict[str, LoRALayer]) -> set[str]:
+    """Names of layers adapted as part of their parent (MultiheadAttention's out_proj)."""
+    return {f"{n}.{child}" for n, m in layers.items() for child in type(m).companions(m)}
+
+
+def _variant_leaves(adapter: str) -> dict[str, str]:
+    """Our leaf name of each variant parameter of ``adapter`` -> PEFT's."""
+    return {ours: theirs for v in VARIANTS.values()
+            for ours, theirs in zip(v.param_names(adapter), v.peft_extra, strict=True)}
 
 
 def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor],
                  adapter: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
     """Our keys of ``adapter``'s tensors -> PEFT's file keys (which never name the adapter:
-    each adapter has its own file)."""
+    each adapter has its own file). Each layer type says how PEFT names its tensors."""
     layers = lora_layers(model)
-    mha_out = _mha_out_projs(layers)
-    a_name, b_name, m_name = param_names(adapter)
+    companions = _companions(layers)
+    a_name, b_name, _ = param_names(adapter)
+    extra = _variant_leaves(adapter)
     out = {}
     for key, value in state_dict.items():
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
-        if owner in mha_out:  # PEFT wraps MHA, so its out_proj sits under base_layer
-            mha, _, child = owner.rpartition(".")
-            owner = f"{mha}.base_layer.{child}"
+        if owner in companions:  # PEFT wraps the parent, so the child sits under base_layer
+            parent, _, child = owner.rpartition(".")
+            owner = f"{parent}.base_layer.{child}"
         if layer is None:
             new = key
         elif leaf in (a_name, b_name):
             ab = "A" if leaf == a_name else "B"
-            emb = isinstance(layer, LoRAEmbedding)
+            emb = type(layer).peft_embedding_keys
             new = f"{owner}.lora_embedding_{ab}" if emb else f"{owner}.lora_{ab}.weight"
-        elif leaf == m_name:
-            new = f"{owner}.lora_magnitude_vector"
+        elif leaf in extra:
+            new = f"{owner}.{extra[leaf]}"
         else:
             new = f"{owner}.base_layer.{leaf}"
         out[_PREFIX + new] = value
@@ -91,7 +97,8 @@ def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor],
 _FROM_PEFT = [
     (re.compile(r"\.lora_([AB])\.weight$"), r".lora_\1"),
     (re.compile(r"\.lora_embedding_([AB])$"), r".lora_\1"),
-    (re.compile(r"\.lora_magnitude_vector$"), ".lora_magnitude"),
+    *((re.compile(rf"\.{theirs}$"), f".{ours}") for v in VARIANTS.values()
+      for ours, theirs in zip(v.extra, v.peft_extra, strict=True)),
     (re.compile(r"\.base_layer\."), "."),
 ]
 
@@ -118,7 +125,7 @@ def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
     """A PEFT ``LoraConfig`` dict naming exactly the modules that carry ``adapter`` (as a
     full-match regex, so that no other module with the same name suffix is adapted)."""
     layers = {n: m for n, m in lora_layers(model).items() if adapter in m.lora_specs}
-    for name in _mha_out_projs(layers):  # PEFT adapts it as part of the attention module
+    for name in _companions(layers):  # PEFT adapts it as part of its parent
         layers.pop(name, None)
     specs = {n: m.lora_specs[adapter] for n, m in layers.items()}
     # Exact names only: a list would also match dotted suffixes ("lin" -> "block.lin"), and
@@ -143,8 +150,7 @@ def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "bias": config.bias,
         "modules_to_save": config.modules_to_save,
-        "fan_in_fan_out": any(type(m)._lora_base_class.__name__ == "Conv1D"
-                              for m in layers.values()),
+        "fan_in_fan_out": any(type(m).fan_in_fan_out for m in layers.values()),
         "lora_lightning": config.to_dict(),
     }
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterLoadError
-from .inject import is_bias
-from .registry import find_config, find_registry, known, lora_layers, lora_param_keys
+from ..errors import AdapterLoadError, ArgumentTypeError, NoAdaptersError
+from ..inject import is_bias
+from ..registry import find_config, find_registry, known, lora_layers, lora_param_keys
 
 
 def adapter_keys(model: nn.Module, adapter: str | None = None) -> list[str]:
@@ -54,10 +54,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     """Only the trained tensors of ``model`` (of one adapter, if named), keyed as in
     ``model.state_dict()``."""
     if not lora_layers(model):
-        raise ValueError(
-            "adapter_state_dict: the model has no LoRA layers; call inject_lora(model, config) "
-            "first."
-        )
+        raise NoAdaptersError("adapter_state_dict")
     keys = set(adapter_keys(model, adapter))
     return {k: v.detach() for k, v in _tensors(model, adapter).items() if k in keys}
 
@@ -70,10 +67,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     exactly as it was. Merged layers are unmerged, updated and merged again.
     """
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"load_adapter_state_dict: expected a mapping of tensors, got "
-            f"{type(state_dict).__name__}."
-        )
+        raise ArgumentTypeError("load_adapter_state_dict", "state_dict", state_dict,
+                                "a mapping of tensors")
     expected = set(adapter_keys(model, adapter))
     if not expected:
         raise AdapterLoadError(

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .ckpt_checks import check_adapter_keys_present, check_meta, check_state_dict_fits
-from .ckpt_meta import fill_base_keys
-from .registry import lora_param_keys
+from ..registry import lora_param_keys
+from .checks import check_adapter_keys_present, check_meta, check_state_dict_fits
+from .meta import fill_base_keys
 
 
 def prepare_lora_state(model: nn.Module, meta: Mapping, state_dict: dict[str, Tensor], *,

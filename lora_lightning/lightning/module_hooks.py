@@ -18,9 +18,9 @@ from typing import Any
 
 from lightning.pytorch import LightningModule
 
-from .ckpt_meta import META_KEY, checkpoint_meta, strip_to_adapter
-from .config import LoRAConfig
-from .restore import prepare_base_state, prepare_lora_state
+from ..checkpoint.meta import META_KEY, checkpoint_meta, strip_to_adapter
+from ..checkpoint.restore import prepare_base_state, prepare_lora_state
+from ..config import LoRAConfig
 
 
 @dataclass
@@ -82,7 +82,7 @@ def load_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str
     if checkpoint.get(META_KEY) is None:
         load_base_checkpoint(state, pl_module, checkpoint)
     else:
-        load_lora_checkpoint(pl_module, checkpoint)
+        load_lora_state(pl_module, checkpoint)
 
 
 def load_base_checkpoint(state: HookState, pl_module: LightningModule,
@@ -103,7 +103,7 @@ def load_base_checkpoint(state: HookState, pl_module: LightningModule,
         checkpoint["lr_schedulers"] = []
 
 
-def load_lora_checkpoint(pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+def load_lora_state(pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
     """A checkpoint saved with LoRA: validate it and refill the base weights it left out."""
     prepare_lora_state(pl_module, checkpoint[META_KEY], checkpoint.setdefault("state_dict", {}),
                        source=_source(pl_module), strict=pl_module.strict_loading,

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from ..adapters import list_adapters
+from ..errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
+from ..registry import find_config, lora_param_keys
 from .adapter_state import preview
-from .adapters import list_adapters
-from .ckpt_meta import META_VERSION, adapter_layers
-from .errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
 from .fingerprint import base_fingerprint
-from .registry import find_config, lora_param_keys
+from .meta import META_VERSION, adapter_layers
 
 
 def check_adapter_keys_present(

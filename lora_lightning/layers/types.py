@@ -1,0 +1,331 @@
+"""The built-in LoRA layer types, and the registry that maps a module type to its LoRA type.
+
+A frozen weight ``W`` gets a trainable low-rank update::
+
+            x ──────────────► W ──────────────┐
+            │                                 ▼
+            └─► dropout ─► A (r×k) ─► B (d×r) ─► ×scale ─► (+) ─► y
+
+    y = W x + scale · B(A x)      scale = alpha / r   (or alpha / √r with rsLoRA)
+
+``B`` starts at zero, so an injected model computes exactly what the base model did.
+Tensor layouts follow PEFT's on-disk shapes so that adapter files translate by name only:
+
+=============  ==================  ==================  =====================
+base           lora_A              lora_B              ΔW (native layout)
+=============  ==================  ==================  =====================
+Linear         (r, in)             (out, r)            B @ A
+ConvNd         (r, in, *kernel)    (out, r, 1, ...)    B ⊗ A over r
+Embedding      (r, num)            (dim, r)            (B @ A)ᵀ
+HF Conv1D      (r, in)             (out, r)            (B @ A)ᵀ
+=============  ==================  ==================  =====================
+
+Adding a type is one class and one :func:`register_layer_type` call (``docs/extending.md``);
+``nn.Conv3d`` below is added exactly that way. A subclass of a registered module type is
+adapted as that type unless it overrides what the type computes (``forward``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LayerTypeError
+from .base import LoRALayer, type_name
+
+__all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAEmbedding", "LoRALayer", "LoRALinear",
+           "hf_conv1d_type", "layer_types", "lora_type_for", "register_layer_type"]
+
+
+class MatmulLoRA(LoRALayer):
+    """Layers whose base op is a matmul (Linear, HF Conv1D): one adapter is added with a
+    fused ``addmm_`` on the 2-D flattened input.
+
+    The input is flattened to 2-D so the base op returns a fresh tensor, not a view, and the
+    adapter's update is added with one in-place ``addmm_``. An in-place add on the 3-D view
+    that ``F.linear`` returns made autograd copy the output in backward (measured in
+    ``benchmarks/``); this path does not.
+    """
+
+    all_linear = True
+
+    def base_2d(self, x2: Tensor) -> Tensor:
+        """The base op with bias on a 2-D input (a fresh tensor)."""
+        raise NotImplementedError
+
+    def lora_forward(self, x, a, b):
+        return F.linear(F.linear(x, a), b)
+
+    def _add_in_place(self, x: Tensor, name: str) -> Tensor:
+        spec = self.lora_specs[name]
+        lora_a, lora_b = self._ab(name)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = self.base_2d(x2)
+        # In-place ops skip autocast, so match the base output's dtype by hand (a no-op
+        # outside autocast).
+        a = F.linear(self._dropped(x2, spec), lora_a).to(out.dtype)
+        out = out.addmm_(a, lora_b.t().to(out.dtype), alpha=spec.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class LoRALinear(MatmulLoRA, nn.Linear):
+    """LoRA on ``nn.Linear``."""
+
+    _lora_base_class = nn.Linear
+
+    def base_2d(self, x2):
+        return F.linear(x2, self.weight, self.bias)
+
+    def lora_shapes(self, r):
+        return (r, self.in_features), (self.out_features, r)
+
+    def delta_weight(self, a, b):
+        return b.float() @ a.float()
+
+    def base_without_bias(self, x):
+        return F.linear(x, self.weight)
+
+
+class ConvLoRA(LoRALayer):
+    """LoRA on a convolution (groups = 1, any kernel size): A is a conv with the base's
+    kernel, stride, padding and dilation; B is a 1×1 conv."""
+
+    _conv_fn: Any
+    overridable = ("forward", "_conv_forward")
+
+    @classmethod
+    def check_module(cls, module, config):
+        if getattr(module, "groups", 1) != 1:
+            return (f"is a grouped convolution (groups={module.groups}); LoRA supports groups=1 "
+                    "only. Add it to exclude_modules.")
+        return super().check_module(module, config)
+
+    def lora_shapes(self, r):
+        k = tuple(self.kernel_size)
+        return (r, self.in_channels, *k), (self.out_channels, r, *([1] * len(k)))
+
+    def lora_forward(self, x, a, b):
+        return self._conv_fn(self._conv_forward(x, a, None), b)
+
+    def delta_weight(self, a, b):
+        b = b.float().flatten(1)  # (out, r)
+        a = a.float()
+        return (b @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+
+    def base_without_bias(self, x):
+        return self._conv_forward(x, self.weight, None)
+
+    def bias_view(self):
+        return self.bias.view(1, -1, *([1] * (self.weight.dim() - 2)))
+
+    def magnitude_shape(self):
+        return (1, self.out_channels, *([1] * (self.weight.dim() - 2)))
+
+
+class LoRAConv1d(ConvLoRA, nn.Conv1d):
+    """LoRA on ``nn.Conv1d``."""
+
+    _lora_base_class = nn.Conv1d
+    _conv_fn = staticmethod(F.conv1d)
+
+
+class LoRAConv2d(ConvLoRA, nn.Conv2d):
+    """LoRA on ``nn.Conv2d``."""
+
+    _lora_base_class = nn.Conv2d
+    _conv_fn = staticmethod(F.conv2d)
+
+
+class LoRAConv3d(ConvLoRA, nn.Conv3d):
+    """LoRA on ``nn.Conv3d``."""
+
+    _lora_base_class = nn.Conv3d
+    _conv_fn = staticmethod(F.conv3d)
+
+
+class LoRAEmbedding(LoRALayer, nn.Embedding):
+    """LoRA on ``nn.Embedding``. As in PEFT, A starts at zero and B is random."""
+
+    _lora_base_class = nn.Embedding
+    supported_variants = ()
+    peft_embedding_keys = True
+
+    def lora_shapes(self, r):
+        return (r, self.num_embeddings), (self.embedding_dim, r)
+
+    def init_adapter(self, init, a, b, r):
+        with torch.no_grad():
+            nn.init.zeros_(a)
+            nn.init.normal_(b, std=1.0 / r if init == "gaussian" else 1.0)
+
+    def lora_forward(self, x, a, b):
+        # Dropout never applies to token indices (the shared forward skips integer input).
+        return F.embedding(x, a.T, padding_idx=self.padding_idx) @ b.T
+
+    def delta_weight(self, a, b):
+        return (b.float() @ a.float()).T
+
+    def out_first(self, w):
+        return w.T
+
+
+class HFConv1DLoRA(MatmulLoRA):
+    """LoRA on HF ``transformers`` ``Conv1D`` (GPT-2 style: weight is (in, out))."""
+
+    fan_in_fan_out = True
+
+    def base_2d(self, x2):
+        if self.bias is None:
+            return x2 @ self.weight
+        return torch.addmm(self.bias, x2, self.weight)
+
+    def lora_shapes(self, r):
+        return (r, self.nx), (self.nf, r)
+
+    def delta_weight(self, a, b):
+        return (b.float() @ a.float()).T
+
+    def base_without_bias(self, x):
+        return x @ self.weight
+
+    def out_first(self, w):
+        return w.T
+
+
+# -- the registry ------------------------------------------------------------------------
+_TYPES: dict[type, type] = {}
+"""Module type -> its LoRA type, in registration order (subclass lookup follows it)."""
+_MADE: dict[type, type] = {}
+
+
+def register_layer_type(base_class: type[nn.Module], lora_class: type) -> None:
+    """Adapt modules of type ``base_class`` (and subclasses that keep its ``forward``) with
+    ``lora_class``, a subclass of :class:`~lora_lightning.layers.base.LoRALayer` and of
+    ``base_class`` that defines ``lora_shapes``, ``lora_forward`` and ``delta_weight``
+    (see :class:`~lora_lightning.layers.base.LoRALayer` for the whole contract).
+    Registering a type again replaces its LoRA type.
+
+    >>> class Scale(nn.Module):  # a module of one's own
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.ones(n))
+    ...     def forward(self, x):
+    ...         return x * self.weight
+    >>> class LoRAScale(LoRALayer, Scale):
+    ...     def lora_shapes(self, r): return (r, 1), (self.weight.shape[0], r)
+    ...     def lora_forward(self, x, a, b): return x * (b @ a).squeeze(1)
+    ...     def delta_weight(self, a, b): return (b.float() @ a.float()).squeeze(1)
+    >>> register_layer_type(Scale, LoRAScale)
+    """
+    if not isinstance(base_class, type) or not issubclass(base_class, nn.Module):
+        raise LayerTypeError(base_class, lora_class, "base_class must be an nn.Module subclass")
+    if not (isinstance(lora_class, type) and issubclass(lora_class, LoRALayer)
+            and issubclass(lora_class, base_class)):
+        raise LayerTypeError(base_class, lora_class, (
+            f"lora_class must subclass both LoRALayer and {base_class.__name__} (for example "
+            f"`class LoRA{base_class.__name__}(LoRALayer, {base_class.__name__})`)"))
+    # lora_forward is what the shared forward calls; a type with its own forward (one
+    # that applies the update as a weight, like MultiheadAttention's) needs none.
+    needed = ("lora_shapes", "delta_weight") + (
+        () if lora_class.forward is not LoRALayer.forward else ("lora_forward",))
+    missing = [m for m in needed if getattr(lora_class, m) is getattr(LoRALayer, m)]
+    if missing:
+        raise LayerTypeError(base_class, lora_class, f"lora_class must define {missing}")
+    if lora_class.__dict__.get("_lora_base_class") is None:
+        lora_class._lora_base_class = base_class
+    _TYPES[base_class] = lora_class
+    _MADE.pop(base_class, None)
+
+
+def layer_types() -> dict[type, type]:
+    """Module type -> LoRA type, for every registered type (HF Conv1D once transformers is
+    loaded)."""
+    _register_hf_conv1d()
+    return dict(_TYPES)
+
+
+def hf_conv1d_type() -> type | None:
+    """transformers' ``Conv1D``, if transformers is loaded (a model that has one loaded it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
+def _register_hf_conv1d() -> None:
+    conv1d = hf_conv1d_type()
+    if conv1d is not None and conv1d not in _TYPES:
+        _TYPES[conv1d] = _made(HFConv1DLoRA, conv1d, "LoRAConv1D")
+
+
+def _made(lora_cls: type, base: type, name: str) -> type:
+    """A LoRA class for ``base`` made from ``lora_cls`` (HF Conv1D, or a subclass of a
+    registered type)."""
+    if base not in _MADE:
+        cls = type(name, (lora_cls, base), {"_lora_base_class": base})
+        cls.__module__ = __name__
+        cls.__qualname__ = name
+        _MADE[base] = cls
+        globals()[name] = cls  # importable by name, so pickling works
+    return _MADE[base]
+
+
+def short_name(t: type) -> str:
+    """``nn.Linear`` for torch's module types, ``module.qualname`` for others."""
+    return f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else type_name(t)
+
+
+def registered_type(module_type: type) -> type | None:
+    """The LoRA type registered for ``module_type`` or its nearest registered base."""
+    _register_hf_conv1d()
+    if issubclass(module_type, LoRALayer):
+        return module_type
+    if module_type in _TYPES:
+        return _TYPES[module_type]
+    return next((c for b, c in _TYPES.items() if issubclass(module_type, b)), None)
+
+
+def lora_type_for(module: nn.Module, config: Any) -> type | str:
+    """The LoRA class for ``module``, or the reason it cannot carry one (worded to follow
+    the module's name in a sentence)."""
+    _register_hf_conv1d()
+    t = type(module)
+    if isinstance(module, LoRALayer):  # adding another adapter: only the config can refuse
+        return t.check_config(config) or t
+    cls = _TYPES.get(t)
+    if cls is None:
+        base = next((b for b in _TYPES if issubclass(t, b)), None)
+        if base is None:
+            supported = [short_name(b) for b in _TYPES]
+            return (f"has type {type_name(t)}, which LoRA does not support; supported types "
+                    f"are {supported} (register_layer_type adds one). Narrow target_modules "
+                    "(for example to its Linear children) or add it to exclude_modules.")
+        reason = _TYPES[base].check_module(module, config)
+        if reason is not None:
+            return reason
+        return _made(_TYPES[base], t, f"LoRA{t.__name__}")
+    return cls.check_module(module, config) or cls
+
+
+for _base, _lora in ((nn.Linear, LoRALinear), (nn.Conv1d, LoRAConv1d),
+                     (nn.Conv2d, LoRAConv2d), (nn.Conv3d, LoRAConv3d),
+                     (nn.Embedding, LoRAEmbedding)):
+    register_layer_type(_base, _lora)
+
+
+def __getattr__(name: str) -> Any:
+    # ``LoRAConv1D`` exists only once transformers is importable; build it on demand so
+    # that unpickling a model in a fresh process finds the class.
+    if name == "LoRAConv1D":
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except Exception:  # transformers is optional
+            raise AttributeError(name) from None
+        _register_hf_conv1d()
+        return _made(HFConv1DLoRA, Conv1D, "LoRAConv1D")
+    if name == "LoRANonDynamicallyQuantizableLinear":  # nn.MultiheadAttention's out_proj
+        from torch.nn.modules.linear import NonDynamicallyQuantizableLinear as base
+        return _made(LoRALinear, base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
