@@ -474,17 +474,21 @@ def test_bf16_injection_keeps_dtype(dora):
     assert y.dtype == torch.bfloat16
 
 
-def test_inference_without_autograd_builds_no_weight_and_matches_the_adapter_path():
-    """Under no_grad, a Linear LoRA layer runs the same path as with autograd: the base op
-    plus two skinny matmuls, never a folded W + sBA per call (which measured slower at
-    every row count: benchmarks/bench_forward_paths.py)."""
+@pytest.mark.parametrize("rows", [64, "fold"])
+def test_inference_without_autograd_folds_only_from_many_rows_and_matches_the_adapter_path(rows):
+    """Under no_grad on CPU, a Linear LoRA layer folds W + sBA into one matmul only from
+    FOLD_MIN_ROWS rows (below that the fold measured slower: bench_forward_paths.py); below
+    it, it runs the autograd path's base op plus two skinny matmuls. Both equal that path."""
+    from lora_lightning.layers.base import FOLD_MIN_ROWS
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 24))
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(2, 64, 32)
+    n = FOLD_MIN_ROWS if rows == "fold" else rows
+    x = torch.randn(2, n // 2, 32)
     calls = []
     real = F.linear
     try:
@@ -493,6 +497,9 @@ def test_inference_without_autograd_builds_no_weight_and_matches_the_adapter_pat
             inference = layer(x)
     finally:
         F.linear = real
-    assert all(w is layer.weight or w is layer.lora_A for w in calls), [w.shape for w in calls]
+    if rows == "fold":  # one matmul, with a weight that is not the layer's own
+        assert len(calls) == 1 and calls[0].shape == (24, 32) and calls[0] is not layer.weight
+    else:
+        assert [w for w in calls if w is not layer.weight and w is not layer.lora_A] == []
     adapter_path = layer(x)  # grad enabled: base op plus B(Ax)
     torch.testing.assert_close(inference, adapter_path.detach(), rtol=1e-5, atol=1e-5)

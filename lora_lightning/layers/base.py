@@ -23,8 +23,9 @@ checkpoints and per-sample batching ask it instead of testing types:
 adapter dtype other than the base's is a change here, not across the core.
 
 **One forward.** :meth:`forward` is the base forward plus :meth:`delta` for each pending
-adapter; the only strategy choice (one adapter added in place, several, or per-sample
-groups) is made there. ``delta`` is ``s·B(A x)``, or what the adapter's variant (DoRA)
+adapter; the strategy (one adapter added in place, one folded into the weight for many
+rows without autograd on CPU, several, or per-sample groups) is chosen in one place,
+:meth:`_route`, and each fast path is kept because a benchmark measured it faster. ``delta`` is ``s·B(A x)``, or what the adapter's variant (DoRA)
 makes of it.
 
 A layer holds one or more named adapters (:class:`AdapterSpec`). The adapter named
@@ -37,7 +38,6 @@ happens on ``train()``/``eval()``, because Lightning flips ``.training`` directl
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,25 +47,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MergedLayersError, PerSampleError
+from .names import ADAPTER_NAME, ADAPTER_PARAM_NAMES, DEFAULT_ADAPTER, param_names, type_name
 from .variants import LoRAVariant
 
-ADAPTER_PARAM_NAMES = ("lora_A", "lora_B", "lora_magnitude")
-DEFAULT_ADAPTER = "default"
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
-"""Adapter names: letters, digits and underscores (they become parameter-name suffixes)."""
+FOLD_MIN_ROWS = 4096
+"""Rows from which a forward without autograd on CPU folds one adapter into the weight:
+below it, building W + s·B·A costs more than it saves (measured on CPU by
+``benchmarks/bench_forward_paths.py``; not measured on a GPU, where the adapter path runs)."""
 
-
-def param_names(adapter: str) -> tuple[str, str, str]:
-    """Attribute names of ``adapter``'s A, B and DoRA magnitude on a layer."""
-    if adapter == DEFAULT_ADAPTER:
-        return ADAPTER_PARAM_NAMES
-    return tuple(f"{n}_{adapter}" for n in ADAPTER_PARAM_NAMES)  # type: ignore[return-value]
-
-
-def type_name(t: type) -> str:
-    """``module.qualname`` of a type, as errors name it."""
-    return f"{t.__module__}.{t.__qualname__}"
-
+__all__ = ["FOLD_MIN_ROWS", "ADAPTER_NAME", "ADAPTER_PARAM_NAMES", "DEFAULT_ADAPTER", "AdapterSpec", "LoRALayer",
+           "param_names", "type_name"]
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -320,6 +311,15 @@ class LoRALayer:
         self._lora_absent_keys = []
 
     # -- forward -----------------------------------------------------------------------
+    can_fold: ClassVar[bool] = False
+    """Whether :meth:`folded_forward` exists (matmul types)."""
+
+    def folded_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base op with ``weight`` (float32, the weight's layout) in place of the base
+        weight: without autograd on many rows, one matmul with W + s·B·A is cheaper than
+        the base matmul plus two skinny ones (``FOLD_MIN_ROWS``)."""
+        raise NotImplementedError
+
     def base_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The base module's own forward."""
         return self._lora_base_class.forward(self, x, *args, **kwargs)
@@ -351,14 +351,31 @@ class LoRALayer:
         a, b = self._ab(name)
         return result.add_(self.lora_forward(self._dropped(x, spec), a, b), alpha=spec.scaling)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def _route(self, x: Tensor, names: list[str], extra_args: bool) -> str:
+        """The one place a forward strategy is chosen (see the module docstring)."""
         if self.lora_groups is not None:
-            return self._per_sample(x, self.base_forward(x, *args, **kwargs))
-        names = self._pending()
+            return "per_sample"
         if not names:
+            return "base"
+        if len(names) > 1 or extra_args or x.is_nested or self.lora_specs[names[0]].variant:
+            return "deltas"
+        spec = self.lora_specs[names[0]]
+        if (self.can_fold and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.numel() >= FOLD_MIN_ROWS * x.shape[-1]
+                and not (spec.dropout > 0.0 and self.training)):
+            return "folded"
+        return "in_place"
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        names = [] if self.lora_groups is not None else self._pending()
+        route = self._route(x, names, bool(args or kwargs))
+        if route == "per_sample":
+            return self._per_sample(x, self.base_forward(x, *args, **kwargs))
+        if route == "base":
             return self.base_forward(x, *args, **kwargs)
-        if (len(names) == 1 and not args and not kwargs and not x.is_nested
-                and self.lora_specs[names[0]].variant is None):
+        if route == "folded":
+            return self.folded_forward(x, self.out_first(self.combined_weight(names)))
+        if route == "in_place":
             return self._add_in_place(x, names[0])
         result = self.base_forward(x, *args, **kwargs)
         out = result

@@ -52,6 +52,13 @@ class MatmulLoRA(LoRALayer):
     """
 
     all_linear = True
+    can_fold = True
+
+    def folded_forward(self, x, weight):
+        x2 = x.reshape(-1, x.shape[-1])
+        w = self.out_first(weight).to(x2.dtype)  # out-first, as F.linear takes it
+        out = F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def base_2d(self, x2: Tensor) -> Tensor:
         """The base op with bias on a 2-D input (a fresh tensor)."""

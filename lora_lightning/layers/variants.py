@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .names import DEFAULT_ADAPTER
+
 if TYPE_CHECKING:  # pragma: no cover
     from .base import LoRALayer
 
@@ -46,8 +48,6 @@ class LoRAVariant:
     """Whether it merges only as the single adapter of a weight."""
 
     def param_names(self, adapter: str) -> tuple[str, ...]:
-        from .base import DEFAULT_ADAPTER
-
         return self.extra if adapter == DEFAULT_ADAPTER else tuple(
             f"{n}_{adapter}" for n in self.extra)
 
