@@ -37,6 +37,11 @@ from .plan import InjectionPlan, plan_injection
 from .registry import AdapterNameError
 from .safe_load import read_checkpoint
 
+# Public for the examples (issue 17, item 5: they use only this API): the key of the LoRA
+# metadata in a Lightning checkpoint, and which adapted modules share their weight tensor.
+from .ckpt_meta import META_KEY
+from .merge import tied_weights
+
 __version__ = "0.1.0"
 
 # Lightning-facing names load lazily, so the plain-PyTorch core never imports Lightning.
@@ -67,6 +72,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAError",
     "LoRALayer",
+    "META_KEY",
     "ParamCount",
     "StateDictMismatchError",
     "TargetMatchError",
@@ -96,6 +102,7 @@ __all__ = [
     "save_adapter",
     "save_adapters",
     "set_adapter",
+    "tied_weights",
     "unload_lora",
     "unmerge_lora",
 ]
