@@ -1,19 +1,25 @@
-"""``SplitDataModule``: the train/val/test loader plumbing the example datamodules share.
+"""The data-module base every example uses, and ``SplitDataModule`` for classification.
 
-Subclasses fill ``self._datasets`` (``{"train", "val", "test"} -> Dataset``) in ``setup``
-and may override :meth:`collate_fn`. Loader settings are constructor arguments
-(``batch_size``, ``num_workers``, ``shuffle_seed``); a subclass that calls
-``super().__init__()`` without them and saves them with ``save_hyperparameters()`` (the
-older form) still works, and one that does neither gets an error naming the setting.
+:class:`BaseDataModule` is the train/val/test loader plumbing, shared by the classification
+data (through :class:`SplitDataModule`) and the causal-LM data. Subclasses fill
+``self._datasets`` (``{"train", "val", "test"} -> Dataset``) in ``setup`` and may override
+:meth:`~BaseDataModule.collate_fn` and :meth:`~BaseDataModule.batch_sampler`. Loader
+settings are constructor arguments (``batch_size``, ``num_workers``, ``shuffle_seed``); a
+subclass that calls ``super().__init__()`` without them and saves them with
+``save_hyperparameters()`` (the older form) still works, and one that does neither gets an
+error naming the setting.
 
-Shuffling follows the run's global seed: the training loader's generator is seeded,
-when the first training loader is built, from ``torch.initial_seed()``, which
-``lightning.seed_everything(seed)`` sets; so ``seed=1`` reshuffles while the split (fixed
-by the datamodule's own ``seed``) stays the same. Pass ``shuffle_seed`` to pin it.
+One rule seeds the training shuffle: ``shuffle_seed`` if given, else the run's global seed
+(``torch.initial_seed()``, which ``lightning.seed_everything(seed)`` sets). One generator,
+seeded so when the first training loader is built, serves the datamodule's life (a loader
+built again continues its stream); a batch sampler (length-bucketed LM batches) is given
+the same seed. So ``seed=1`` reshuffles while a split fixed by the datamodule's own
+``seed`` stays the same. Pass ``shuffle_seed`` to pin it.
 
-A dataset that has a ``labels`` attribute (a list or a 1-D tensor of class indices) gets
-class counts and a majority-class rate per split (:meth:`class_counts`,
-:meth:`majority_rate`), the floor every accuracy is read against.
+:class:`SplitDataModule` adds what the app reads against every accuracy: a dataset that
+has a ``labels`` attribute (a list or a 1-D tensor of class indices) gets class counts and
+a majority-class rate per split (:meth:`~SplitDataModule.class_counts`,
+:meth:`~SplitDataModule.majority_rate`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 _UNSET = object()
@@ -36,7 +42,7 @@ def check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"Expected `{name}` to be an int >= {low} but got {value!r}.")
 
 
-class SplitDataModule(L.LightningDataModule):
+class BaseDataModule(L.LightningDataModule):
     """Base class: three named splits, seeded shuffling, a clear error before ``setup``.
 
     Args:
@@ -65,9 +71,23 @@ class SplitDataModule(L.LightningDataModule):
         self._datasets: dict[str, Dataset] | None = None
         self._generator: torch.Generator | None = None
 
+    @property
+    def datasets(self) -> dict[str, Dataset] | None:
+        """``{"train", "val", "test"} -> Dataset`` after ``setup``; None before."""
+        return self._datasets
+
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
         """The DataLoader's ``collate_fn``; None means PyTorch's default."""
         return None
+
+    def batch_sampler(self, name: str, seed: int) -> Sampler | None:
+        """A batch sampler for split ``name`` (``seed``: the training shuffle's seed), or
+        None (the default) for plain batches of ``batch_size``, shuffled for training."""
+        return None
+
+    def shuffle_seed_in_use(self) -> int:
+        """The training shuffle's seed: ``shuffle_seed``, else ``torch.initial_seed()``."""
+        return torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
 
     def _setting(self, name: str, default: Any = _UNSET) -> Any:
         """A loader setting: the constructor argument, else a saved hparam, else default."""
@@ -78,7 +98,7 @@ class SplitDataModule(L.LightningDataModule):
             if default is _UNSET:
                 raise RuntimeError(
                     f"{type(self).__name__} has no `{name}`: pass {name}=... to "
-                    f"SplitDataModule.__init__ (e.g. super().__init__({name}=32))."
+                    f"BaseDataModule.__init__ (e.g. super().__init__({name}=32))."
                 )
             return default
         return value
@@ -89,18 +109,18 @@ class SplitDataModule(L.LightningDataModule):
                 f"{type(self).__name__}.{name}_dataloader() was called before setup(); "
                 "call dm.setup() first or pass the datamodule to a Trainer."
             )
+        common = {"num_workers": self._setting("num_workers", 0), "collate_fn": self.collate_fn()}
+        sampler = self.batch_sampler(name, self.shuffle_seed_in_use())
+        if sampler is not None:
+            return DataLoader(self._datasets[name], batch_sampler=sampler, **common)
         if shuffle and self._generator is None:
-            seed = self.shuffle_seed
-            self._generator = torch.Generator().manual_seed(
-                torch.initial_seed() if seed is None else seed
-            )
+            self._generator = torch.Generator().manual_seed(self.shuffle_seed_in_use())
         return DataLoader(
             self._datasets[name],
             batch_size=self._setting("batch_size"),
             shuffle=shuffle,
             generator=self._generator if shuffle else None,
-            num_workers=self._setting("num_workers", 0),
-            collate_fn=self.collate_fn(),
+            **common,
         )
 
     @override
@@ -115,7 +135,18 @@ class SplitDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    # -- what the splits hold ---------------------------------------------------------------
+    def split_size(self, split: str) -> int | None:
+        """Number of samples in one split after ``setup``; None if unknown."""
+        if self._datasets is None or split not in self._datasets:
+            return None
+        return len(self._datasets[split])  # type: ignore[arg-type]
+
+
+class SplitDataModule(BaseDataModule):
+    """:class:`BaseDataModule` for classification: class counts and the majority-class
+    rate of each split, for datasets with a ``labels`` attribute. Arguments as for
+    :class:`BaseDataModule`.
+    """
 
     def class_counts(self, split: str) -> dict[int, int] | None:
         """``{class index: count}`` of one split after ``setup``; None if unknown."""
@@ -127,12 +158,6 @@ class SplitDataModule(L.LightningDataModule):
         if isinstance(labels, torch.Tensor):
             labels = labels.tolist()
         return dict(sorted(Counter(int(label) for label in labels).items()))
-
-    def split_size(self, split: str) -> int | None:
-        """Number of samples in one split after ``setup``; None if unknown."""
-        if self._datasets is None or split not in self._datasets:
-            return None
-        return len(self._datasets[split])  # type: ignore[arg-type]
 
     def majority_rate(self, split: str) -> float | None:
         """Accuracy of always predicting the split's most frequent class; None if unknown."""
