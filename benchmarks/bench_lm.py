@@ -80,7 +80,7 @@ def smollm2_case(batch: int, seq: int, model_path: str | None = None) -> bl.Case
 
 
 def checkpointed_variant(ours_qv: bl.Variant) -> bl.Variant:
-    from lora_lightning.examples.lm import enable_checkpointing
+    from lora_lightning.examples.language.module import enable_checkpointing
 
     net = copy.deepcopy(ours_qv.net)
     enable_checkpointing(net.lm)

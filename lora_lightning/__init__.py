@@ -46,6 +46,12 @@ from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, plan_injection
 from .registry import AdapterNameError
 
+# isort: split
+# Public for the examples (issue 17, item 5: they use only this API): the key of the LoRA
+# metadata in a Lightning checkpoint, and which adapted modules share their weight tensor.
+from .checkpoint.meta import META_KEY
+from .merge import tied_weights
+
 __version__ = "0.1.0"
 
 # Lightning-facing names load lazily, so the plain-PyTorch core never imports Lightning.
@@ -81,6 +87,7 @@ __all__ = [
     "LoRAError",
     "LoRALayer",
     "LoRAVariant",
+    "META_KEY",
     "MergedLayersError",
     "NoAdaptersError",
     "OptimizerCoverageError",
@@ -117,6 +124,7 @@ __all__ = [
     "save_adapter",
     "save_adapters",
     "set_adapter",
+    "tied_weights",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -212,8 +212,8 @@ def test_full_checkpoint_keeps_every_key(tmp_path):
 
 
 def test_adapter_checkpoint_of_minilm_is_under_5_percent_of_full(tmp_path):
-    from lora_lightning.examples.module import ClassifierModule
-    from lora_lightning.examples.text import MiniLMClassifier
+    from lora_lightning.examples.classification.module import ClassifierModule
+    from lora_lightning.examples.classification.text import MiniLMClassifier
 
     g = torch.Generator().manual_seed(0)
     batch = {

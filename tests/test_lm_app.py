@@ -89,7 +89,7 @@ def test_app_run_on_a_tiny_model_records_perplexity_generations_and_exports(
 
 
 def test_lm_report_tabulates_a_run(tmp_path, tiny_lm_dir, capsys):
-    from lora_lightning.examples import lm_report
+    from lora_lightning.app import lm_report
 
     result = _run(tmp_path, tiny_lm_dir, "data=hamlet", "lora=lm_all_linear")
     assert lm_report.main([str(tmp_path)]) == 0

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lora_lightning.examples.lm_data import (
+from lora_lightning.examples.language.data import (
     IGNORE,
     BucketBatchSampler,
     InstructionDataModule,
@@ -20,7 +20,7 @@ from lora_lightning.examples.lm_data import (
     pack,
     read_jsonl,
 )
-from lora_lightning.examples.lm_model import ContextLengthError, load_lm_tokenizer
+from lora_lightning.examples.language.model import ContextLengthError, load_lm_tokenizer
 
 
 def test_pack_joins_documents_with_eos_and_drops_the_remainder():
@@ -186,3 +186,21 @@ def test_hamlet_dialogue_is_the_default_instruction_set(tiny_lm_dir):
     assert len(dm.datasets["train"]) > 100
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].size(1) <= 64 and (batch["labels"] != IGNORE).any(dim=1).all()
+
+
+def test_lm_shuffle_follows_the_global_seed_as_every_example_does(tmp_path, tiny_lm_dir):
+    """One rule for every example datamodule: the training order follows the global seed
+    (``torch.initial_seed()``) unless ``shuffle_seed`` pins it; the split never moves."""
+    path = tmp_path / "mine.txt"
+    path.write_text(" ".join(f"line {i} to be or not to be." for i in range(200)))
+
+    def first_batch(seed: int, **kw) -> list[list[int]]:
+        torch.manual_seed(seed)
+        dm = TextDataModule(train_path=str(path), model_path=str(tiny_lm_dir), seq_len=16,
+                            batch_size=4, **kw)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))["input_ids"].tolist()
+
+    assert first_batch(0) == first_batch(0)
+    assert first_batch(0) != first_batch(1)
+    assert first_batch(0, shuffle_seed=3) == first_batch(1, shuffle_seed=3)

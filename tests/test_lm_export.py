@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lora_lightning import LoRACallback, LoRAConfig, inject_lora, merge_lora
-from lora_lightning.examples.lm import CausalLMModule
-from lora_lightning.examples.lm_data import TextDataModule
-from lora_lightning.examples.lm_export import LMExport, export, export_merged, main
-from lora_lightning.examples.lm_model import load_causal_lm, load_lm_tokenizer
+from lora_lightning.examples.language.data import TextDataModule
+from lora_lightning.examples.language.export import LMExport, export, export_merged, main
+from lora_lightning.examples.language.model import load_causal_lm, load_lm_tokenizer
+from lora_lightning.examples.language.module import CausalLMModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["To be, or not", "My lord, the king"]
@@ -135,7 +135,7 @@ def test_export_callback_writes_and_verifies_both_folders(tmp_path, tiny_lm_dir)
 
 
 def test_export_check_of_a_module_built_from_a_model_object(tmp_path, tiny_lm_dir):
-    from lora_lightning.examples.lm_export import verify
+    from lora_lightning.examples.language.export import verify
 
     module = _trained(tiny_lm_dir, ["q_proj", "v_proj"], from_object=True)
     assert not module.model_from_path  # so the check cannot reload a base from model_path

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from _tiny_lm import make_tiny_lm
 
 from lora_lightning import LoRACallback, LoRAConfig, TiedWeightError, inject_lora, merge_lora
-from lora_lightning.examples.lm import CausalLMModule, enable_checkpointing, is_checkpointing
-from lora_lightning.examples.lm_data import TextDataModule
-from lora_lightning.examples.lm_model import (
+from lora_lightning.examples.language.data import TextDataModule
+from lora_lightning.examples.language.model import (
     SMOLLM2_INSTALL,
     ContextLengthError,
     ModelPathError,
@@ -26,6 +25,11 @@ from lora_lightning.examples.lm_model import (
     load_causal_lm,
     resolve_model_path,
     smollm2_gguf_path,
+)
+from lora_lightning.examples.language.module import (
+    CausalLMModule,
+    enable_checkpointing,
+    is_checkpointing,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -205,7 +209,7 @@ print(cached_dir(Path(sys.argv[1]), build))
 
 def test_cache_is_built_once_by_concurrent_processes(tmp_path):
     target, log = tmp_path / "cache" / "model", tmp_path / "builds.log"
-    import lora_lightning.examples.lm_model as lm_model
+    import lora_lightning.examples.language.model as lm_model
 
     args = [str(target), str(log), lm_model.__file__]
     procs = [subprocess.Popen([sys.executable, "-c", _BUILD, *args],

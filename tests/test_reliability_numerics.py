@@ -68,7 +68,7 @@ def linear_drift(size: int = 384, r: int = 16, seed: int = 0) -> dict[str, dict[
 def minilm_drift(seed: int = 0) -> dict[str, dict[str, float]]:
     """MiniLM (6 layers, hidden 384) with r=8 adapters on query and value, in bf16: its
     last hidden states (4 x 32 tokens x 384). The reference is the float64 model."""
-    from lora_lightning.examples.text import MiniLMClassifier
+    from lora_lightning.examples.classification.text import MiniLMClassifier
 
     torch.manual_seed(seed)
     model = MiniLMClassifier(num_classes=2, dropout=0.0)

@@ -4,12 +4,14 @@
 - :class:`RunRecorder`: a Lightning callback that measures one run and logs the same
   ``lora/*`` tags and hparams for runs with and without LoRA.
 - :mod:`~lora_lightning.app.report`: sweep tables and plots from ``result.json`` files
-  (``python -m lora_lightning.app.report <sweep_dir>``).
+  (``python -m lora_lightning.app.report <sweep_dir>``); :mod:`~lora_lightning.app.lm_report`,
+  the causal-LM runs' table (perplexity, exports, generations).
 - :mod:`~lora_lightning.app.hydra_callbacks`: the Hydra callback that runs the report.
 - :mod:`~lora_lightning.app.errors`: one-paragraph errors for bad configs.
 - :mod:`~lora_lightning.app.curves`: validation curves from TensorBoard event files.
 
-Only this subpackage and ``lora_lightning.train`` import Hydra; the core never does.
+Only this subpackage and ``lora_lightning.train`` import Hydra; the core never does. The
+app and ``lora_lightning.examples`` never import each other (``train`` joins them).
 """
 
 from lora_lightning.app.head_only import HeadOnly

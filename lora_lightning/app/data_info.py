@@ -4,13 +4,16 @@ An accuracy means little without the rate of always predicting the most frequent
 (the *majority-class rate*) and the size of the test split, so the app sets the data up
 before the model is built, reads both, and sizes the model's head from the data's
 number of classes (``model.net.num_classes: null`` means "from the data").
+
+The app asks only for the methods of :class:`SplitStats`; the example datamodules
+(``SplitDataModule``) have them, and so may yours, without importing the examples.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -18,19 +21,31 @@ log = logging.getLogger(__name__)
 SMALL_TEST = 200
 
 
+@runtime_checkable
+class SplitStats(Protocol):
+    """A datamodule that can describe its splits after an idempotent ``setup``."""
+
+    def setup(self, stage: str) -> None: ...
+
+    def split_size(self, split: str) -> int | None: ...
+
+    def class_counts(self, split: str) -> dict[int, int] | None: ...
+
+    def majority_rate(self, split: str) -> float | None: ...
+
+
 def describe_data(datamodule: Any) -> dict[str, Any]:
-    """Set up a ``SplitDataModule`` (its ``setup`` is idempotent) and describe its splits.
+    """Set up a :class:`SplitStats` datamodule (such as the examples' ``SplitDataModule``)
+    and describe its splits.
 
     Returns ``num_classes``, ``label_names``, ``train_size``, ``val_size``, ``test_size``,
     ``test_class_counts`` and ``test_majority_acc``; entries a datamodule cannot tell
-    (one not built on ``SplitDataModule``, set up only by the Trainer) are None.
+    (one without the :class:`SplitStats` methods, set up only by the Trainer) are None.
     """
-    from lora_lightning.examples.splits import SplitDataModule
-
     info: dict[str, Any] = dict.fromkeys(
         ("num_classes", "label_names", "train_size", "val_size", "test_size",
          "test_class_counts", "test_majority_acc"))
-    if isinstance(datamodule, SplitDataModule):
+    if isinstance(datamodule, SplitStats):
         datamodule.setup("fit")
         for split in ("train", "val", "test"):
             info[f"{split}_size"] = datamodule.split_size(split)

@@ -1,54 +1,62 @@
 """Real models and real data for the demo, the tests and the Hydra app.
 
-- :mod:`~lora_lightning.examples.text`: Rotten Tomatoes critic snippets (split by movie)
-  and an all-MiniLM-L6-v2 classifier with mean pooling.
-- :mod:`~lora_lightning.examples.text_files`: your own CSV/TSV/JSONL/Parquet text files.
-- :mod:`~lora_lightning.examples.splits`: ``SplitDataModule``, the loaders they share.
-- :mod:`~lora_lightning.examples.vision`: scikit-learn's 8x8 digits and a small CNN.
-- :mod:`~lora_lightning.examples.module`: a LightningModule that trains either one.
-- :mod:`~lora_lightning.examples.lm`, ``lm_data``, ``lm_model``, ``lm_export``: causal
-  language models (SmolLM2 or any HF causal LM): training with perplexity and
-  generations, Hamlet text and instruction JSONL, and export for transformers and PEFT.
+Two families, by concept, on a few shared pieces:
 
-transformers and scikit-learn are imported only when a model or dataset is built.
+- :mod:`~lora_lightning.examples.classification`: Rotten Tomatoes critic snippets and a
+  MiniLM classifier, your own CSV/TSV/JSONL/Parquet text files, scikit-learn's digits and
+  a small CNN, ``SplitDataModule`` and the ``ClassifierModule`` that trains them.
+- :mod:`~lora_lightning.examples.language`: causal language models (SmolLM2 or any HF
+  causal LM): training with perplexity and generations, *Hamlet* text and instruction
+  JSONL, and export for transformers and PEFT.
+- :mod:`~lora_lightning.examples.common`: ``BaseDataModule`` (the loaders and the one
+  shuffle-seeding rule of every example datamodule), the optimizer, the data files.
+
+The examples use the library only through ``from lora_lightning import ...`` and never
+import ``lora_lightning.app``. transformers and scikit-learn are imported only when a
+model or dataset is built. Every public name is importable from here.
 """
 
-from lora_lightning.examples.lm import CausalLMModule
-from lora_lightning.examples.lm_data import (
-    InstructionDataModule,
-    JsonlFormatError,
-    TextDataModule,
-    hamlet_dialogue,
-    hamlet_path,
-    read_jsonl,
-)
-from lora_lightning.examples.lm_export import LMExport
-from lora_lightning.examples.lm_model import (
-    ContextLengthError,
-    ModelPathError,
-    load_causal_lm,
-    load_lm_tokenizer,
-    smollm2_dir,
-)
-from lora_lightning.examples.module import ClassifierModule, peak_memory_mb
-from lora_lightning.examples.splits import SplitDataModule
-from lora_lightning.examples.text import (
+from lora_lightning.examples.classification import (
+    ClassifierModule,
+    DataFileError,
+    DigitsCNN,
+    DigitsDataModule,
     MiniLMClassifier,
     RottenTomatoesDataModule,
     Snippet,
+    SplitDataModule,
+    TextFilesDataModule,
     TokenizedTexts,
+    load_digits_tensors,
     load_minilm_tokenizer,
     load_rotten_tomatoes,
     minilm_path,
     pad_collate,
+    peak_memory_mb,
+    read_rows,
     rotten_tomatoes_path,
     split_by_movie,
     tokenize_texts,
 )
-from lora_lightning.examples.text_files import DataFileError, TextFilesDataModule, read_rows
-from lora_lightning.examples.vision import DigitsCNN, DigitsDataModule, load_digits_tensors
+from lora_lightning.examples.common import BaseDataModule
+from lora_lightning.examples.language import (
+    CausalLMModule,
+    ContextLengthError,
+    InstructionDataModule,
+    JsonlFormatError,
+    LMExport,
+    ModelPathError,
+    TextDataModule,
+    hamlet_dialogue,
+    hamlet_path,
+    load_causal_lm,
+    load_lm_tokenizer,
+    read_jsonl,
+    smollm2_dir,
+)
 
 __all__ = [
+    "BaseDataModule",
     "CausalLMModule",
     "ClassifierModule",
     "ContextLengthError",
@@ -58,28 +66,28 @@ __all__ = [
     "InstructionDataModule",
     "JsonlFormatError",
     "LMExport",
-    "ModelPathError",
-    "TextDataModule",
-    "hamlet_dialogue",
-    "hamlet_path",
-    "load_causal_lm",
-    "load_lm_tokenizer",
-    "read_jsonl",
-    "smollm2_dir",
     "MiniLMClassifier",
+    "ModelPathError",
     "RottenTomatoesDataModule",
     "Snippet",
     "SplitDataModule",
+    "TextDataModule",
     "TextFilesDataModule",
     "TokenizedTexts",
+    "hamlet_dialogue",
+    "hamlet_path",
+    "load_causal_lm",
     "load_digits_tensors",
+    "load_lm_tokenizer",
     "load_minilm_tokenizer",
     "load_rotten_tomatoes",
     "minilm_path",
     "pad_collate",
     "peak_memory_mb",
+    "read_jsonl",
     "read_rows",
     "rotten_tomatoes_path",
+    "smollm2_dir",
     "split_by_movie",
     "tokenize_texts",
 ]

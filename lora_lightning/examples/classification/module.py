@@ -35,6 +35,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from ..common import adamw_with_warmup, check_optimizer_args
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated on ``device``, or else this process's peak RSS, in MiB."""
@@ -48,39 +50,6 @@ def peak_memory_mb(device: torch.device) -> float:
     # Linux reports KiB, macOS bytes.
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
-
-
-def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float) -> None:
-    """Refuse what :func:`adamw_with_warmup` cannot use, when a module is built."""
-    if not lr > 0:
-        raise ValueError(f"Expected `lr` > 0 but got {lr!r}.")
-    if not weight_decay >= 0:
-        raise ValueError(f"Expected `weight_decay` >= 0 but got {weight_decay!r}.")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"Expected `warmup_ratio` in [0, 1) but got {warmup_ratio!r}.")
-
-
-def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
-    """AdamW over the parameters that require grad (``module.hparams``: ``lr``,
-    ``weight_decay``, ``warmup_ratio``), with a linear warm-up over that share of the
-    steps. Shared by the example modules."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    if not trainable:
-        total = sum(1 for _ in module.parameters())
-        raise ValueError(
-            f"No parameter of {type(net).__name__} has requires_grad=True "
-            f"(0 of {total} tensors), so there is nothing to optimize. Unfreeze some "
-            "parameters or inject LoRA adapters before training starts."
-        )
-    hp = module.hparams
-    optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
-    if hp.warmup_ratio == 0:
-        return optimizer
-    warmup_steps = max(1, int(module.trainer.estimated_stepping_batches * hp.warmup_ratio))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
-    )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training, accuracy and throughput logging for a classifier network.

