@@ -29,10 +29,8 @@ def adapter_keys(model: nn.Module, adapter: str | None = None) -> list[str]:
     if config.bias == "all":
         keys.update(n for n, _ in model.named_parameters() if is_bias(n))
     elif config.bias == "lora_only":
-        keys.update(f"{name}.{leaf}" for name, m in lora_layers(model).items()
-                    if adapter in m.lora_specs
-                    for leaf in ("bias", "in_proj_bias") if getattr(m, leaf, None) is not None
-                    and leaf in m._parameters)
+        keys.update(f"{name}.{m.bias_name}" for name, m in lora_layers(model).items()
+                    if adapter in m.lora_specs and m._parameters.get(m.bias_name) is not None)
     return sorted(keys)
 
 

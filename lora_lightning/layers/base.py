@@ -58,6 +58,11 @@ below it, building W + s·B·A costs more than it saves (measured on CPU by
 __all__ = ["FOLD_MIN_ROWS", "ADAPTER_NAME", "ADAPTER_PARAM_NAMES", "DEFAULT_ADAPTER", "AdapterSpec", "LoRALayer",
            "param_names", "type_name"]
 
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A floating-point input in the adapters' dtype (token indices stay as they are)."""
+    return x.to(dtype) if x.is_floating_point() else x
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One adapter's settings on one layer."""
@@ -89,6 +94,8 @@ class LoRALayer:
     _lora_base_class: ClassVar[type[nn.Module]]
     weight_name: ClassVar[str] = "weight"
     """The adapted parameter (MultiheadAttention: ``in_proj_weight``)."""
+    bias_name: ClassVar[str] = "bias"
+    """Its bias parameter (MultiheadAttention: ``in_proj_bias``)."""
     all_linear: ClassVar[bool] = False
     """Whether ``target_modules="all-linear"`` includes this type."""
     supports_per_sample: ClassVar[bool] = True
@@ -333,11 +340,13 @@ class LoRALayer:
 
     def delta(self, x: Tensor, base_out: Tensor, name: str) -> Tensor:
         """What adapter ``name`` adds to the base output ``base_out`` of input ``x``: the one
-        delta function every path uses."""
+        delta function every path uses. Adapters may have another dtype than the base
+        (``adapter_dtype``): the input is cast to theirs and the update to the output's
+        (no-ops when they agree)."""
         spec = self.lora_specs[name]
         a, b = self._ab(name)
         xd = self._dropped(x, spec)
-        lora = self.lora_forward(xd, a, b)
+        lora = self.lora_forward(_as(xd, a.dtype), a, b).to(base_out.dtype)
         if spec.variant is None:
             return lora * spec.scaling
         return spec.variant.delta(self, name, x, xd, base_out, lora)
@@ -349,7 +358,8 @@ class LoRALayer:
         spec = self.lora_specs[name]
         result = self.base_forward(x)
         a, b = self._ab(name)
-        return result.add_(self.lora_forward(self._dropped(x, spec), a, b), alpha=spec.scaling)
+        lora = self.lora_forward(_as(self._dropped(x, spec), a.dtype), a, b)
+        return result.add_(lora.to(result.dtype), alpha=spec.scaling)
 
     def _route(self, x: Tensor, names: list[str], extra_args: bool) -> str:
         """The one place a forward strategy is chosen (see the module docstring)."""

@@ -62,6 +62,7 @@ class LoRAMultiheadAttention(LoRALayer, nn.MultiheadAttention):
 
     _lora_base_class = nn.MultiheadAttention
     weight_name = "in_proj_weight"
+    bias_name = "in_proj_bias"
     all_linear = True
     supports_per_sample = False
     supports_dropout = False

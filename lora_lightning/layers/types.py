@@ -74,7 +74,9 @@ class MatmulLoRA(LoRALayer):
         out = self.base_2d(x2)
         # In-place ops skip autocast, so match the base output's dtype by hand (a no-op
         # outside autocast).
-        a = F.linear(self._dropped(x2, spec), lora_a).to(out.dtype)
+        xd = self._dropped(x2, spec)
+        a = F.linear(xd if xd.dtype == lora_a.dtype else xd.to(lora_a.dtype), lora_a)
+        a = a.to(out.dtype)
         out = out.addmm_(a, lora_b.t().to(out.dtype), alpha=spec.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -206,7 +208,8 @@ class HFConv1DLoRA(MatmulLoRA):
 # -- the registry ------------------------------------------------------------------------
 _TYPES: dict[type, type] = {}
 """Module type -> its LoRA type, in registration order (subclass lookup follows it)."""
-_MADE: dict[type, type] = {}
+_MADE: dict[tuple[type, type], type] = {}
+"""(LoRA type, module type) -> the LoRA class made for that module subclass."""
 
 
 def register_layer_type(base_class: type[nn.Module], lora_class: type) -> None:
@@ -245,7 +248,6 @@ def register_layer_type(base_class: type[nn.Module], lora_class: type) -> None:
     if lora_class.__dict__.get("_lora_base_class") is None:
         lora_class._lora_base_class = base_class
     _TYPES[base_class] = lora_class
-    _MADE.pop(base_class, None)
 
 
 def layer_types() -> dict[type, type]:
@@ -270,13 +272,13 @@ def _register_hf_conv1d() -> None:
 def _made(lora_cls: type, base: type, name: str) -> type:
     """A LoRA class for ``base`` made from ``lora_cls`` (HF Conv1D, or a subclass of a
     registered type)."""
-    if base not in _MADE:
+    if (lora_cls, base) not in _MADE:
         cls = type(name, (lora_cls, base), {"_lora_base_class": base})
         cls.__module__ = __name__
         cls.__qualname__ = name
-        _MADE[base] = cls
+        _MADE[lora_cls, base] = cls
         globals()[name] = cls  # importable by name, so pickling works
-    return _MADE[base]
+    return _MADE[lora_cls, base]
 
 
 def short_name(t: type) -> str:
