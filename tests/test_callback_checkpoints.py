@@ -13,6 +13,7 @@ import logging
 import lightning as L
 import pytest
 import torch
+from _helpers import assert_close_fp32
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -387,7 +388,10 @@ def test_load_lora_checkpoint_reproduces_the_trained_module(tmp_path, save, merg
     with torch.no_grad():
         want = module(inputs())
         got = loaded(inputs())
-    torch.testing.assert_close(got, want, atol=0 if not merge else 1e-5, rtol=0)
+    if merge:  # merged weights: another computation, equal up to rounding
+        assert_close_fp32(got, want)
+    else:  # the same tensors, loaded back, through the same forward
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_load_lora_checkpoint_takes_base_weights_from_base_checkpoint(tmp_path):

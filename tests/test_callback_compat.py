@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import assert_close_fp32
 from _tiny import TinyNet
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -218,7 +219,7 @@ def test_gradient_accumulation_matches_the_large_batch_and_keeps_base_frozen(tmp
     got, want = adapters(accumulated), adapters(large_batch)
     assert_all_changed(got, start.adapters)
     for key in ADAPTER_KEYS:
-        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5)
+        assert_close_fp32(got[key], want[key], msg=key)  # sums of 2 batches vs 1 batch
     assert_base_unchanged(accumulated, base)
 
 
@@ -645,4 +646,4 @@ def test_export_flags_write_a_peft_adapter_and_a_merged_state_dict(tmp_path):
     plain.load_state_dict(merged, strict=True)
     assert not any("lora_" in k for k in merged)
     with torch.no_grad():
-        torch.testing.assert_close(plain.eval()(x), want, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(plain.eval()(x), want)  # merged weights vs the adapter path
