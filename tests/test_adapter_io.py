@@ -323,6 +323,73 @@ def test_our_file_keys_match_peft_file_keys(variant, peft, tmp_path):
     assert shapes == expected_keys(variant)
 
 
+# -- PEFT's default save of an embedding adapter (it stores the base embedding too) ----
+class Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(32, 16)
+        self.out = nn.Linear(16, 3)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids):
+        return self.out(self.embed_tokens(input_ids).mean(1))
+
+
+IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def peft_embedder(peft, base: nn.Module, tmp_path):
+    from safetensors.torch import load_file
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["embed_tokens"]))
+    randomize_adapters(pm)
+    pm.save_pretrained(str(tmp_path))  # default save_embedding_layers="auto"
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.embed_tokens.base_layer.weight" in keys  # the case at issue
+    with torch.no_grad():
+        return pm.eval()(IDS)
+
+
+def embedder() -> nn.Module:
+    torch.manual_seed(0)
+    return Embedder().eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_default_save_of_an_embedding_adapter_loads(peft, tmp_path):
+    base = embedder()
+    y = peft_embedder(peft, base, tmp_path)
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path)
+    with torch.no_grad():
+        assert_close_fp32(model.eval()(IDS), y)
+    assert torch.equal(model.embed_tokens.weight, base.embed_tokens.weight)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_embedding_save_with_another_base_is_refused_or_applied(peft, tmp_path):
+    """The saved base embedding differs from ours: refused naming it, or applied."""
+    base = embedder()
+    y = peft_embedder(peft, base, tmp_path)
+    load_adapter(copy.deepcopy(base), tmp_path)  # on the same base it loads (test above)
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.embed_tokens.weight.add_(1.0)
+    try:
+        load_adapter(model, tmp_path)
+    except Exception as err:
+        assert "embed_tokens" in str(err)
+        return
+    with torch.no_grad():
+        assert_close_fp32(model.eval()(IDS), y)
+
+
 # -- errors ----------------------------------------------------------------------------
 def _saved(tmp_path: Path) -> Path:
     model, _ = trained("lora")

@@ -25,6 +25,7 @@ from lora_lightning import (
     inject_lora,
     merge_lora,
     merged_state_dict,
+    unload_lora,
     unmerge_lora,
 )
 
@@ -222,6 +223,46 @@ def test_merged_state_dict_loads_strictly_into_original(layer_name, variant, mer
         assert torch.equal(v, before[k]), k
 
 
+# -- merging into a tied weight --------------------------------------------------------
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+TIED_IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("how", ["merge_lora", "unload_lora"])
+def test_merging_into_a_tied_weight_leaves_the_other_module_unchanged_or_refuses(how):
+    """Either refused with an error that says 'tied' (model unchanged), or the other user
+    of the weight (the head) keeps computing what it did."""
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    head_weight = model.head.weight.detach().clone()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["emb", "body"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        y = model(TIED_IDS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        merge_lora(model) if how == "merge_lora" else unload_lora(model)
+    except Exception as err:
+        assert "tied" in str(err).lower()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        return
+    assert torch.equal(model.head.weight, head_weight)
+    with torch.no_grad():
+        assert_close_fp32(model(TIED_IDS), y)
+
+
 # -- dropout ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("layer_name", "variant"), CASES)
 def test_eval_mode_is_deterministic(layer_name, variant):
@@ -371,6 +412,54 @@ def test_gradients_reach_adapters_not_weight(layer_name, variant):
     bias = getattr(layer, "bias", None)
     if bias is not None:
         assert bias.requires_grad is False and bias.grad is None  # bias="none"
+
+
+# DoRA's norm is detached (the DoRA paper, section 4.3): checked through the gradients.
+def dora_layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    wrapper = nn.Sequential(nn.Linear(6, 5) if kind == "linear" else nn.Conv2d(3, 4, 3, padding=1))
+    inject_lora(wrapper, LoRAConfig(r=2, alpha=4, target_modules=["0"], use_dora=True))
+    randomize_adapters(wrapper, 1, std=0.5)
+    return wrapper[0]
+
+
+def dora_reference(layer: nn.Module, x, a, b, m, detach: bool):
+    """DoRA from its definition: y = m · (W + s·BA) x / ‖W + s·BA‖ + bias, the norm per
+    output taken over the weight (detached, as the DoRA paper's section 4.3 does)."""
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        v = w + layer.scaling * b @ a
+        norm = v.norm(dim=1)
+        y = nn.functional.linear(x, v)
+        return y * (m / (norm.detach() if detach else norm)) + layer.bias
+    v = w + layer.scaling * (b.flatten(1) @ a.flatten(1)).reshape(w.shape)
+    norm = v.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    y = nn.functional.conv2d(x, v, padding=1)
+    return y * (m / (norm.detach() if detach else norm)) + layer.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dora_gradients_match_the_detached_norm_math(kind):
+    layer = dora_layer(kind)
+    x = torch.randn((4, 6) if kind == "linear" else (2, 3, 5, 5),
+                    generator=torch.Generator().manual_seed(2))
+    proj = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(3))
+    (layer(x) * proj).sum().backward()
+    ours = [layer.lora_magnitude.grad, layer.lora_A.grad, layer.lora_B.grad]
+    refs = {}
+    for detach in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True)
+                  for t in (layer.lora_magnitude, layer.lora_A, layer.lora_B)]
+        m, a, b = leaves
+        m_view = m.reshape(-1) if kind == "linear" else m.reshape(1, -1, 1, 1)
+        (dora_reference(layer, x, a, b, m_view, detach) * proj).sum().backward()
+        refs[detach] = [t.grad for t in leaves]
+    for name, g, r in zip(("magnitude", "A", "B"), ours, refs[True], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=name)
+    # the non-detached norm gives other A/B gradients: this test could tell them apart
+    differ = [not torch.allclose(g, r, rtol=1e-3, atol=1e-5)
+              for g, r in zip(ours[1:], refs[False][1:], strict=True)]
+    assert all(differ)
 
 
 # -- property tests ----------------------------------------------------------------------
