@@ -25,10 +25,14 @@ has eps = 1.2e-7; a reordered sum of n terms differs by a few eps times the larg
 partial sum, so 1e-5 (~80 eps) covers the few hundred terms of these tiny models, while a
 real bug (a missing scale, a dropped or doubled adapter) moves outputs by 1e-3 or more."""
 
-ATOL_PER_UNIT = 1e-6
+ATOL_PER_UNIT = 1e-5
 """Absolute tolerance per unit of the output's largest magnitude (at least 1): an output
 element near zero comes from cancelling terms as large as the largest output, so its
-rounding error scales with that, not with its own value."""
+rounding error scales with that, not with its own value. 1e-5 (~80 eps again) leaves room
+for rounding compounded through a few transformer layers, whose layer norms amplify it:
+the tiny Whisper's merged-vs-unmerged output differed by 2.1e-6 of its largest element
+with MKL_ENABLE_INSTRUCTIONS=AVX2 (1e-6 failed there); dropping an adapter moves outputs
+by more than 5e-4 of it (test_architectures.assert_moved)."""
 
 
 def assert_close_fp32(actual: Tensor, expected: Tensor, *, rtol: float = RTOL,
