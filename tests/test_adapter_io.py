@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import assert_close_fp32, is_trainable, randomize_adapters
 from safetensors.torch import load_file
 from torch import nn
 
@@ -83,20 +84,12 @@ def base_model(seed: int = 0) -> Model:
     return Model().eval()
 
 
-@torch.no_grad()
-def perturb(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def trained(variant: str = "lora", seed: int = 0, **overrides) -> tuple[Model, Model]:
     """(an injected and trained model, an un-injected copy of its base)."""
     model = base_model(seed)
     base = copy.deepcopy(model)
     inject_lora(model, our_config(variant, **overrides))
-    perturb(model, seed + 100)
+    randomize_adapters(model, seed + 100, select=is_trainable)
     return model.eval(), base
 
 
@@ -163,7 +156,7 @@ def test_read_adapter_gives_config_and_our_keys(tmp_path):
 def test_save_overwrites_and_leaves_no_temporary_files(tmp_path):
     model, _ = trained("lora", seed=0)
     save_adapter(model, tmp_path / "a" / "b")
-    perturb(model, 7)
+    randomize_adapters(model, 7, select=is_trainable)
     save_adapter(model, tmp_path / "a" / "b")
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors",
@@ -254,7 +247,7 @@ def test_ours_loads_in_peft(variant, peft, tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert peft_adapted(pm) == {n: m.r for n, m in lora_layers(model).items()}
     with torch.no_grad():
-        torch.testing.assert_close(pm(X), y, rtol=0, atol=1e-5)
+        assert_close_fp32(pm(X), y)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -268,7 +261,7 @@ def test_peft_sees_exactly_our_ranks_for_shared_suffixes(peft, tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert peft_adapted(pm) == {"lin": 3, "block.lin": 2, "g": 2}
     with torch.no_grad():
-        torch.testing.assert_close(pm(X), model(X), rtol=0, atol=1e-5)
+        assert_close_fp32(pm(X), model(X))
     fresh = copy.deepcopy(base)
     load_adapter(fresh, tmp_path)
     assert {n: m.r for n, m in lora_layers(fresh).items()} == {"lin": 3, "block.lin": 2, "g": 2}
@@ -284,8 +277,8 @@ def peft_trained(peft, variant: str, base: Model):
     )
     torch.manual_seed(1)
     pm = peft.get_peft_model(copy.deepcopy(base), cfg)
-    perturb(pm, 5)
-    with torch.no_grad():  # keep outputs O(1) so that 1e-5 is a tight tolerance
+    randomize_adapters(pm, 5, select=is_trainable)
+    with torch.no_grad():  # keep outputs O(1): comparisons stay tight
         for name, p in pm.named_parameters():
             if re.search(r"lora_(embedding_)?B", name):
                 p.mul_(0.25)
@@ -308,7 +301,7 @@ def test_peft_adapter_loads_here(variant, peft, tmp_path):
     # A list target also matches the nested "block.lin", in PEFT and here alike.
     assert {n: m.r for n, m in lora_layers(model).items()} == peft_adapted(pm)
     assert model.block.lin.r == 3
-    torch.testing.assert_close(model(X), y, rtol=0, atol=1e-5)
+    assert_close_fp32(model(X), y)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -328,6 +321,73 @@ def test_our_file_keys_match_peft_file_keys(variant, peft, tmp_path):
     shapes = {k: tuple(v.shape) for k, v in peft_tensors.items()}
     assert shapes == {k: tuple(v.shape) for k, v in our_tensors.items()}
     assert shapes == expected_keys(variant)
+
+
+# -- PEFT's default save of an embedding adapter (it stores the base embedding too) ----
+class Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(32, 16)
+        self.out = nn.Linear(16, 3)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids):
+        return self.out(self.embed_tokens(input_ids).mean(1))
+
+
+IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def peft_embedder(peft, base: nn.Module, tmp_path):
+    from safetensors.torch import load_file
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["embed_tokens"]))
+    randomize_adapters(pm)
+    pm.save_pretrained(str(tmp_path))  # default save_embedding_layers="auto"
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.embed_tokens.base_layer.weight" in keys  # the case at issue
+    with torch.no_grad():
+        return pm.eval()(IDS)
+
+
+def embedder() -> nn.Module:
+    torch.manual_seed(0)
+    return Embedder().eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_default_save_of_an_embedding_adapter_loads(peft, tmp_path):
+    base = embedder()
+    y = peft_embedder(peft, base, tmp_path)
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path)
+    with torch.no_grad():
+        assert_close_fp32(model.eval()(IDS), y)
+    assert torch.equal(model.embed_tokens.weight, base.embed_tokens.weight)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_embedding_save_with_another_base_is_refused_or_applied(peft, tmp_path):
+    """The saved base embedding differs from ours: refused naming it, or applied."""
+    base = embedder()
+    y = peft_embedder(peft, base, tmp_path)
+    load_adapter(copy.deepcopy(base), tmp_path)  # on the same base it loads (test above)
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.embed_tokens.weight.add_(1.0)
+    try:
+        load_adapter(model, tmp_path)
+    except Exception as err:
+        assert "embed_tokens" in str(err)
+        return
+    with torch.no_grad():
+        assert_close_fp32(model.eval()(IDS), y)
 
 
 # -- errors ----------------------------------------------------------------------------

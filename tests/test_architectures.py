@@ -27,6 +27,7 @@ import warnings
 import pytest
 import torch
 from _arch_cases import CASES, Case, flat_output, loss_weights
+from _helpers import assert_close_fp32, randomize_adapters
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -138,25 +139,9 @@ def peft_model(peft, case: Case, targets):
     return peft.get_peft_model(model, cfg)
 
 
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int) -> None:
-    """Give every adapter tensor (ours: ``lora_A``/``lora_B``; PEFT's: any ``lora_`` weight)
-    fixed random non-zero values of a size that visibly changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if "lora_" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def assert_moved(y: Tensor, y_base: Tensor) -> None:
     moved = (y - y_base).abs().max() / y_base.abs().max()
     assert moved > 5e-4, f"the adapters barely change the output (relative {moved:.1e})"
-
-
-def assert_same(y: Tensor, reference: Tensor) -> None:
-    """Equal up to float32 rounding, relative to the output's scale."""
-    atol = 1e-6 * max(1.0, reference.abs().max().item())
-    torch.testing.assert_close(y, reference, rtol=1e-5, atol=atol)
 
 
 def refuse_tied(case: Case, fn):
@@ -189,7 +174,7 @@ def test_injection_keeps_output(case, targets):
     y_base = output(base(case), case)
     model = injected(case, targets)
     assert lora_layers(model)
-    torch.testing.assert_close(output(model, case), y_base, rtol=0, atol=1e-6)
+    assert_close_fp32(output(model, case), y_base)  # B = 0, but the adapted forward differs
 
 
 @pytest.mark.parametrize(("case", "targets"), variants("counts", needs_peft=True))
@@ -229,31 +214,31 @@ def test_merge_after_a_step_equals_unmerged_and_unmerge_restores(case, targets):
         assert all(not m.merged for m in lora_layers(model).values())
     else:
         assert all(m.merged for m in lora_layers(model).values())
-        assert_same(output(model, case), y)
+        assert_close_fp32(output(model, case), y)
         unmerge_lora(model)
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6, msg=k)
-    assert_same(output(model, case), y)
+        assert_close_fp32(v, weights[k], msg=k)  # W + ΔW - ΔW: W up to rounding
+    assert_close_fp32(output(model, case), y)
 
 
 @pytest.mark.parametrize(("case", "targets"), variants("merged_state_dict"))
 def test_merged_state_dict_loads_strictly_into_plain_model(case, targets):
     model = injected(case, targets)
-    randomize(model, 1)
+    randomize_adapters(model, 1)
     y = output(model, case)
     sd = refuse_tied(case, lambda: merged_state_dict(model))
     if sd is None:
         return  # refused, naming the tied weight
     plain = base(case, seed=1)  # other weights, so the load must overwrite every one
     plain.load_state_dict(sd, strict=True)
-    assert_same(output(plain, case), y)
+    assert_close_fp32(output(plain, case), y)
     assert all(not m.merged for m in lora_layers(model).values())  # model untouched
 
 
 @pytest.mark.parametrize(("case", "targets"), variants("base_state_dict"))
 def test_base_state_dict_loads_strictly_and_a_missing_weight_is_refused(case, targets):
     model = injected(case, targets)
-    randomize(model, 1)
+    randomize_adapters(model, 1)
     adapters = {k: v.detach().clone() for k, v in adapter_params(model).items()}
     other = base(case, seed=1).state_dict()
     result = model.load_state_dict(other, strict=True)
@@ -294,14 +279,14 @@ def test_peft_files_load_both_ways(case, targets, peft, tmp_path):
     y_base = output(base(case), case)
     # ours -> PEFT
     model = injected(case, targets)
-    randomize(model, 1)
+    randomize_adapters(model, 1)
     save_adapter(model, tmp_path / "ours")
     pm = peft.PeftModel.from_pretrained(base(case), str(tmp_path / "ours"))
     ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     if case.peft_forward:
         y = our_output_in_peft_mode(model, case)
         assert_moved(y, y_base)
-        assert_same(peft_output(pm, case), y)
+        assert_close_fp32(peft_output(pm, case), y)
     else:
         loaded = peft.get_peft_model_state_dict(pm)
         assert set(loaded) == set(ours_file)
@@ -309,7 +294,7 @@ def test_peft_files_load_both_ways(case, targets, peft, tmp_path):
             torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
     # PEFT -> ours
     pm = peft_model(peft, case, targets)
-    randomize(pm, 2)
+    randomize_adapters(pm, 2)
     pm.save_pretrained(str(tmp_path / "peft"))
     fresh = base(case)
     load_adapter(fresh, tmp_path / "peft")
@@ -317,7 +302,7 @@ def test_peft_files_load_both_ways(case, targets, peft, tmp_path):
     if case.peft_forward:
         y = peft_output(pm, case)
         assert_moved(y, y_base)
-        assert_same(our_output_in_peft_mode(fresh, case), y)
+        assert_close_fp32(our_output_in_peft_mode(fresh, case), y)
     else:
         save_adapter(fresh, tmp_path / "again")
         again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
@@ -367,7 +352,7 @@ def reference_grads(case: Case, model: nn.Module) -> dict[str, Tensor]:
 @pytest.mark.parametrize(("case", "targets"), variants("grads", needs_peft=True))
 def test_gradients_equal_peft(case, targets, peft):
     model = injected(case, targets)
-    randomize(model, 3)
+    randomize_adapters(model, 3)
     model.train(case.peft_train_mode)
     y = run(model, case)
     (y * loss_weights(y)).sum().backward()

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from _helpers import assert_close_fp32, is_trainable, randomize_adapters
 from torch import nn
 
 from lora_lightning import (
@@ -56,15 +57,6 @@ def make(seed: int = 0, dora: bool = False, **kwargs):
     return model, base, cfg
 
 
-@torch.no_grad()
-def perturb(model: nn.Module, seed: int) -> None:
-    """Change every trainable tensor (adapters, biases, modules_to_save)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -108,7 +100,7 @@ def test_adapter_state_dict_needs_lora_layers():
 @pytest.mark.parametrize("dora", [False, True])
 def test_load_adapter_state_dict_round_trip(dora):
     model, _, cfg = make(seed=0, dora=dora, bias="lora_only", modules_to_save=["head"])
-    perturb(model, 1)
+    randomize_adapters(model, 1, select=is_trainable)
     model.eval()
     y = model(X)
     sd = {k: v.clone() for k, v in adapter_state_dict(model).items()}
@@ -131,7 +123,7 @@ def _fails_and_leaves_model_unchanged(model, sd, pattern):
 
 def _good_sd(seed=5):
     model, _, _ = make(seed=seed, modules_to_save=["head"])
-    perturb(model, seed)
+    randomize_adapters(model, seed, select=is_trainable)
     return {k: v.clone() for k, v in adapter_state_dict(model).items()}
 
 
@@ -200,31 +192,30 @@ def test_load_errors_on_wrong_input():
 @pytest.mark.parametrize("dora", [False, True])
 def test_load_into_merged_model_keeps_it_merged_and_correct(dora):
     model, _, _ = make(seed=0, dora=dora, bias="lora_only")
-    perturb(model, 1)
+    randomize_adapters(model, 1, select=is_trainable)
     model.eval()
     merge_lora(model)
     source, _, _ = make(seed=0, dora=dora, bias="lora_only")
-    perturb(source, 2)
+    randomize_adapters(source, 2, select=is_trainable)
     source.eval()
     expected = source(X)
     sd = {k: v.clone() for k, v in adapter_state_dict(source).items()}
     load_adapter_state_dict(model, sd)
     assert all(m.merged for m in lora_layers(model).values())
-    torch.testing.assert_close(model(X), expected, rtol=0, atol=1e-5)
+    assert_close_fp32(model(X), expected)
     for k in sd:
         assert torch.equal(model.state_dict()[k], sd[k]), k
     unmerge_lora(model)  # the base weights under the merge are still the original ones
     for name in ("lin", "conv"):
-        torch.testing.assert_close(getattr(model, name).weight, getattr(source, name).weight,
-                                   rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(X), expected, rtol=0, atol=1e-5)
+        assert_close_fp32(getattr(model, name).weight, getattr(source, name).weight)
+    assert_close_fp32(model(X), expected)
 
 
 # -- key reconciliation for base checkpoints ---------------------------------------------
 @pytest.mark.parametrize("dora", [False, True])
 def test_base_state_dict_loads_strictly(dora):
     model, base, _ = make(seed=0, dora=dora)
-    perturb(model, 1)
+    randomize_adapters(model, 1, select=is_trainable)
     adapters_before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     trained_base = copy.deepcopy(base)
     with torch.no_grad():
@@ -271,7 +262,7 @@ def test_only_adapter_keys_are_removed_from_missing_keys(dropped):
 def test_full_lora_state_dict_loads_strictly():
     model, _, _ = make()
     source, _, _ = make(seed=3)
-    perturb(source, 3)
+    randomize_adapters(source, 3, select=is_trainable)
     result = model.load_state_dict(source.state_dict(), strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert_same(model, snapshot(source))
@@ -307,7 +298,8 @@ def test_base_fingerprint_tracks_base_weights_only():
     # Frozen base parameters: emb/lin/conv/other weights, other.bias, norm weight+bias.
     assert fp["tensors"] == 7
     assert base_fingerprint(model) == fp
-    perturb(model, 1)  # adapters, trainable biases and the saved head change
+    # adapters, trainable biases and the saved head change
+    randomize_adapters(model, 1, select=is_trainable)
     assert base_fingerprint(model) == fp
     with torch.no_grad():
         model.lin.weight[0, 0] += 0.5

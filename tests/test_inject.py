@@ -1,11 +1,14 @@
-"""Tests for target matching, injection, freezing and parameter counting."""
+"""Tests for target matching (every entry must match, all-linear), injection, freezing and
+parameter counting."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
+from _helpers import assert_close_fp32, randomize_adapters
 from torch import nn
 
 from lora_lightning import (
@@ -15,6 +18,7 @@ from lora_lightning import (
     count_parameters,
     inject_lora,
     lora_layers,
+    merge_lora,
 )
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -310,6 +314,127 @@ def test_module_already_adapted_with_other_settings_is_an_error(kwargs, detail):
                                          r"Call unload_lora\(model\) first"):
         inject_lora(model, cfg)
     assert adapted(model) == {"layers.0.query"}  # layers.1.query was not half-done
+
+
+# -- every config entry must match something -------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(8, 8)
+        self.key = nn.Linear(8, 8)
+        self.value = nn.Linear(8, 8)
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([SelfAttention(), SelfAttention()])
+        self.classifier = nn.Linear(8, 2)
+
+
+TYPO_CASES = {
+    "target_modules": (dict(target_modules=["quary", "value"]), "quary", "query"),
+    "modules_to_save": (dict(target_modules=["query"], modules_to_save=["classifier",
+                                                                           "classifer"]),
+                        "classifer", "classifier"),
+    "exclude_modules": (dict(target_modules=["query", "value"],
+                             exclude_modules=["layer.0.value", "kee"]), "kee", "key"),
+    "rank_pattern": (dict(target_modules=["query", "value"], rank_pattern={"valeu": 4}),
+                     "valeu", "value"),
+    "alpha_pattern": (dict(target_modules=["query", "value"], alpha_pattern={"quary": 4.0}),
+                      "quary", "query"),
+}
+
+
+@pytest.mark.parametrize("field", list(TYPO_CASES))
+def test_an_entry_matching_nothing_is_an_error_naming_it(field):
+    kwargs, typo, nearest = TYPO_CASES[field]
+    model = Encoder()
+    with pytest.raises(ValueError) as err:
+        inject_lora(model, LoRAConfig(r=2, **kwargs))
+    assert typo in str(err.value) and nearest in str(err.value)
+    assert not lora_layers(model)  # resolved before acting: nothing was changed
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_same_configs_spelled_right_inject():
+    """The control for the test above: with the typo fixed each config injects."""
+    fixed = {
+        "target_modules": dict(target_modules=["query", "value"]),
+        "modules_to_save": dict(target_modules=["query"], modules_to_save=["classifier"]),
+        "exclude_modules": dict(target_modules=["query", "value"],
+                                exclude_modules=["layer.0.value", "key"]),
+        "rank_pattern": dict(target_modules=["query", "value"], rank_pattern={"value": 4}),
+        "alpha_pattern": dict(target_modules=["query", "value"], alpha_pattern={"query": 4.0}),
+    }
+    assert set(fixed) == set(TYPO_CASES)
+    for kwargs in fixed.values():
+        assert lora_layers(inject_lora_fresh(kwargs))
+
+
+def inject_lora_fresh(kwargs) -> nn.Module:
+    model = Encoder()
+    inject_lora(model, LoRAConfig(r=2, **kwargs))
+    return model
+
+
+# -- all-linear: classifier heads and Linear subclasses --------------------------------
+def roberta_cls():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=64,
+                                     max_position_embeddings=40, num_labels=3, pad_token_id=1)
+    return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+def test_all_linear_leaves_the_whole_classifier_head_alone():
+    model = roberta_cls()
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    adapted = set(lora_layers(model))
+    assert "roberta.encoder.layer.0.attention.self.query" in adapted
+    assert not {n for n in adapted if n.startswith("classifier")}
+
+
+def test_all_linear_report_lists_skipped_heads_with_a_reason():
+    """``InjectionReport.skipped``: Skipped(name, kind, reason) entries."""
+    model = roberta_cls()
+    report = inject_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    for name in ("classifier.dense", "classifier.out_proj"):
+        assert {s.name: s.reason for s in report.skipped}[name]
+
+
+class MyLinear(nn.Linear):
+    """A user subclass that adds nothing to nn.Linear's computation."""
+
+
+class WithSubclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain = nn.Linear(8, 8)
+        self.custom = MyLinear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.custom(torch.tanh(self.plain(x)))))
+
+
+def test_all_linear_adapts_a_linear_subclass_or_reports_it_skipped():
+    torch.manual_seed(0)
+    base = WithSubclass().eval()
+    model = copy.deepcopy(base)
+    report = inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules="all-linear"))
+    assert "plain" in lora_layers(model)
+    if "custom" not in lora_layers(model):
+        assert report.skipped["custom"]  # skipped, with a reason
+        return
+    x = torch.randn(3, 8)
+    randomize_adapters(model)
+    with torch.no_grad():
+        y = model(x)
+        assert (y - base(x)).abs().max() > 1e-3
+        merge_lora(model)
+        assert_close_fp32(model(x), y)
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_close_fp32, randomize_adapters
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,9 +23,9 @@ from lora_lightning import (
     LoRAConfig,
     LoRALayer,
     inject_lora,
-    lora_layers,
     merge_lora,
     merged_state_dict,
+    unload_lora,
     unmerge_lora,
 )
 
@@ -90,17 +91,6 @@ def build(layer_name: str, variant: str, seed: int = 0, **extra):
     return base, original, x, cfg
 
 
-@torch.no_grad()
-def randomise(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for layer in lora_layers(model).values():
-        for p in (layer.lora_A, layer.lora_B):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-        if layer.use_dora:
-            m = layer.lora_magnitude
-            m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g))
-
-
 def ref_delta(layer) -> torch.Tensor:
     """B·A in the base weight's native layout, written independently of the library."""
     a, b = layer.lora_A.detach().float(), layer.lora_B.detach().float()
@@ -149,6 +139,8 @@ def test_injected_output_equals_base_exactly(layer_name, variant, mode):
         assert torch.count_nonzero(layer.lora_B) == 0
     model.train(mode == "train")
     original.train(mode == "train")
+    # Exact by construction: the adapted forward runs the base's own op on the same input
+    # and adds an exact zero (B = 0; DoRA's m / ‖W‖ is 1, both norms from one function).
     torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
 
 
@@ -178,17 +170,17 @@ def functional_forward(original: nn.Module, weight: torch.Tensor, x: torch.Tenso
 @pytest.mark.parametrize(("layer_name", "variant"), CASES)
 def test_forward_matches_reference_math(layer_name, variant):
     model, original, x, cfg = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     model.eval()
     expected = functional_forward(original, ref_merged_weight(model.layer, cfg), x)
-    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(model(x), expected)
 
 
 # -- merge / unmerge -------------------------------------------------------------------
 @pytest.mark.parametrize(("layer_name", "variant"), CASES)
 def test_merge_unmerge_round_trip(layer_name, variant):
     model, _, x, cfg = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     model.eval()
     layer = model.layer
     w0 = layer.weight.detach().clone()
@@ -199,12 +191,12 @@ def test_merge_unmerge_round_trip(layer_name, variant):
     scale = weight_scale(w0, expected_merged)
     assert (layer.weight - expected_merged).abs().max() <= 1e-5 * scale
     assert not torch.equal(layer.weight, w0)
-    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
+    assert_close_fp32(model(x), y)
     assert merge_lora(model) == 0  # already merged: a no-op
     assert unmerge_lora(model) == 1
     assert layer.merged is False
     assert (layer.weight - w0).abs().max() <= 1e-5 * scale
-    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
+    assert_close_fp32(model(x), y)
     assert unmerge_lora(model) == 0
 
 
@@ -212,7 +204,7 @@ def test_merge_unmerge_round_trip(layer_name, variant):
 @pytest.mark.parametrize("merged", [False, True])
 def test_merged_state_dict_loads_strictly_into_original(layer_name, variant, merged):
     model, original, x, cfg = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     model.eval()
     y = model(x)
     if merged:
@@ -224,18 +216,58 @@ def test_merged_state_dict_loads_strictly_into_original(layer_name, variant, mer
     result = fresh.load_state_dict(sd, strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert not any(isinstance(m, LoRALayer) for m in fresh.modules())
-    torch.testing.assert_close(fresh(x), y, rtol=0, atol=1e-5)
+    assert_close_fp32(fresh(x), y)
     # The model itself is untouched.
     assert model.layer.merged is merged
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
+# -- merging into a tied weight --------------------------------------------------------
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+TIED_IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("how", ["merge_lora", "unload_lora"])
+def test_merging_into_a_tied_weight_leaves_the_other_module_unchanged_or_refuses(how):
+    """Either refused with an error that says 'tied' (model unchanged), or the other user
+    of the weight (the head) keeps computing what it did."""
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    head_weight = model.head.weight.detach().clone()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["emb", "body"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        y = model(TIED_IDS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        merge_lora(model) if how == "merge_lora" else unload_lora(model)
+    except Exception as err:
+        assert "tied" in str(err).lower()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        return
+    assert torch.equal(model.head.weight, head_weight)
+    with torch.no_grad():
+        assert_close_fp32(model(TIED_IDS), y)
+
+
 # -- dropout ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("layer_name", "variant"), CASES)
 def test_eval_mode_is_deterministic(layer_name, variant):
     model, _, x, _ = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     model.eval()
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
 
@@ -244,7 +276,7 @@ def test_eval_mode_is_deterministic(layer_name, variant):
 @pytest.mark.parametrize("variant", ["dropout", "dora"])
 def test_train_mode_applies_dropout_to_adapter_path_only(layer_name, variant):
     model, _, x, _ = build(layer_name, variant, dropout=0.5)
-    randomise(model)
+    randomize_adapters(model)
     model.train()
     torch.manual_seed(1)
     y1 = model(x)
@@ -258,7 +290,7 @@ def test_train_mode_applies_dropout_to_adapter_path_only(layer_name, variant):
 def test_dropout_feeds_only_the_adapter_path(dora, monkeypatch):
     """y = Wx + b + s·B·A·drop(x); DoRA: y = Wx + b + (k-1)·W·drop(x) + k·s·B·A·drop(x)."""
     model, original, x, cfg = build("linear", "dora" if dora else "lora", dropout=0.5)
-    randomise(model)
+    randomize_adapters(model)
     model.train()
     layer = model.layer
     mask = (torch.arange(x.shape[-1]) % 2).float() * 2.0  # a fixed "dropout" mask
@@ -278,7 +310,7 @@ def test_dropout_feeds_only_the_adapter_path(dora, monkeypatch):
         expected = base + (k - 1) * (xd @ w.T) + k * lora
     else:
         expected = base + lora
-    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(model(x), expected)
     assert not torch.allclose(expected, original(x) + s * x @ a.T @ b.T)  # the mask matters
 
 
@@ -289,7 +321,7 @@ def test_dropout_feeds_only_the_adapter_path(dora, monkeypatch):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_no_dropout_means_no_copy_of_the_input(layer_name, variant, mode, monkeypatch):
     model, _, x, _ = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     model.train(mode == "train")
     layer = model.layer
     seen = []
@@ -345,7 +377,7 @@ def test_dropout_is_called_in_train_mode_only(monkeypatch):
 @pytest.mark.parametrize(("layer_name", "variant"), CASES)
 def test_train_eval_never_merge(layer_name, variant):
     model, _, x, _ = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     layer = model.layer
     w0 = layer.weight.detach().clone()
     for toggle in (model.eval, model.train, model.eval, lambda: setattr(layer, "training", False),
@@ -366,7 +398,7 @@ def test_train_eval_never_merge(layer_name, variant):
 @pytest.mark.parametrize(("layer_name", "variant"), CASES)
 def test_gradients_reach_adapters_not_weight(layer_name, variant):
     model, _, x, cfg = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     model.train()
     layer = model.layer
     assert layer.weight.requires_grad is False
@@ -382,13 +414,61 @@ def test_gradients_reach_adapters_not_weight(layer_name, variant):
         assert bias.requires_grad is False and bias.grad is None  # bias="none"
 
 
+# DoRA's norm is detached (the DoRA paper, section 4.3): checked through the gradients.
+def dora_layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    wrapper = nn.Sequential(nn.Linear(6, 5) if kind == "linear" else nn.Conv2d(3, 4, 3, padding=1))
+    inject_lora(wrapper, LoRAConfig(r=2, alpha=4, target_modules=["0"], use_dora=True))
+    randomize_adapters(wrapper, 1, std=0.5)
+    return wrapper[0]
+
+
+def dora_reference(layer: nn.Module, x, a, b, m, detach: bool):
+    """DoRA from its definition: y = m · (W + s·BA) x / ‖W + s·BA‖ + bias, the norm per
+    output taken over the weight (detached, as the DoRA paper's section 4.3 does)."""
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        v = w + layer.scaling * b @ a
+        norm = v.norm(dim=1)
+        y = nn.functional.linear(x, v)
+        return y * (m / (norm.detach() if detach else norm)) + layer.bias
+    v = w + layer.scaling * (b.flatten(1) @ a.flatten(1)).reshape(w.shape)
+    norm = v.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    y = nn.functional.conv2d(x, v, padding=1)
+    return y * (m / (norm.detach() if detach else norm)) + layer.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dora_gradients_match_the_detached_norm_math(kind):
+    layer = dora_layer(kind)
+    x = torch.randn((4, 6) if kind == "linear" else (2, 3, 5, 5),
+                    generator=torch.Generator().manual_seed(2))
+    proj = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(3))
+    (layer(x) * proj).sum().backward()
+    ours = [layer.lora_magnitude.grad, layer.lora_A.grad, layer.lora_B.grad]
+    refs = {}
+    for detach in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True)
+                  for t in (layer.lora_magnitude, layer.lora_A, layer.lora_B)]
+        m, a, b = leaves
+        m_view = m.reshape(-1) if kind == "linear" else m.reshape(1, -1, 1, 1)
+        (dora_reference(layer, x, a, b, m_view, detach) * proj).sum().backward()
+        refs[detach] = [t.grad for t in leaves]
+    for name, g, r in zip(("magnitude", "A", "B"), ours, refs[True], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=name)
+    # the non-detached norm gives other A/B gradients: this test could tell them apart
+    differ = [not torch.allclose(g, r, rtol=1e-3, atol=1e-5)
+              for g, r in zip(ours[1:], refs[False][1:], strict=True)]
+    assert all(differ)
+
+
 # -- property tests ----------------------------------------------------------------------
 def _roundtrip_and_merged_sd(base: nn.Module, x: torch.Tensor, cfg: LoRAConfig, seed: int):
     torch.manual_seed(seed)
     model = Wrap(base)
     original = copy.deepcopy(model)
     inject_lora(model, cfg)
-    randomise(model, seed, std=0.2)
+    randomize_adapters(model, seed, std=0.2)
     model.eval()
     layer = model.layer
     w0 = layer.weight.detach().clone()
@@ -396,11 +476,11 @@ def _roundtrip_and_merged_sd(base: nn.Module, x: torch.Tensor, cfg: LoRAConfig, 
     sd = merged_state_dict(model)
     fresh = copy.deepcopy(original)
     fresh.load_state_dict(sd, strict=True)
-    tol = 1e-5 * max(1.0, float(y.detach().abs().max()))
-    torch.testing.assert_close(fresh(x), y, rtol=0, atol=tol)
+    assert_close_fp32(fresh(x), y)
     merge_lora(model)
     merged = layer.weight.detach().clone()
-    torch.testing.assert_close(model(x), y, rtol=0, atol=tol)
+    assert_close_fp32(model(x), y)
+    # Exact: merge_lora and merged_state_dict compute the weight with one function.
     torch.testing.assert_close(merged, sd["layer.weight"], rtol=0, atol=0)
     unmerge_lora(model)
     assert (layer.weight - w0).abs().max() <= 1e-5 * weight_scale(w0, merged)
@@ -440,7 +520,7 @@ def test_property_conv2d(c_in, c_out, k, stride, padding, r, alpha, dora, rslora
 @pytest.mark.parametrize("layer_name", ["linear", "conv2d_k3_s2_p1", "hf_conv1d"])
 def test_repeated_merge_unmerge_does_not_drift(layer_name, variant):
     model, _, _, _ = build(layer_name, variant)
-    randomise(model)
+    randomize_adapters(model)
     layer = model.layer
     w0 = layer.weight.detach().clone()
     for _ in range(100):
@@ -454,7 +534,7 @@ def test_repeated_merge_unmerge_does_not_drift(layer_name, variant):
 def test_bf16_merges_in_fp32_and_casts_once(layer_name):
     model, _, _, cfg = build(layer_name, "lora")
     model.to(torch.bfloat16)
-    randomise(model)
+    randomize_adapters(model)
     layer = model.layer
     assert layer.lora_A.dtype == torch.bfloat16
     w0 = layer.weight.detach().clone()
@@ -485,8 +565,7 @@ def test_inference_without_autograd_folds_only_from_many_rows_and_matches_the_ad
     model = nn.Sequential(nn.Linear(32, 24))
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
     layer = model[0]
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    randomize_adapters(model, std=1.0)
     n = FOLD_MIN_ROWS if rows == "fold" else rows
     x = torch.randn(2, n // 2, 32)
     calls = []
@@ -502,4 +581,4 @@ def test_inference_without_autograd_folds_only_from_many_rows_and_matches_the_ad
     else:
         assert [w for w in calls if w is not layer.weight and w is not layer.lora_A] == []
     adapter_path = layer(x)  # grad enabled: base op plus B(Ax)
-    torch.testing.assert_close(inference, adapter_path.detach(), rtol=1e-5, atol=1e-5)
+    assert_close_fp32(inference, adapter_path)

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize_adapters
 from _tiny_lm import make_tiny_lm
 
 from lora_lightning import LoRACallback, LoRAConfig, TiedWeightError, inject_lora, merge_lora
@@ -104,9 +105,8 @@ def _lora_grads(model_dir: Path, checkpointing: str | None, batch) -> dict[str, 
     torch.manual_seed(0)
     model = load_causal_lm(model_dir)
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear", init="gaussian"))
-    for name, p in model.named_parameters():
-        if name.endswith("lora_B"):
-            torch.nn.init.normal_(p, std=0.1)  # nonzero B, so A gets a gradient too
+    # nonzero B, so A gets a gradient too
+    randomize_adapters(model, std=0.1, select=lambda name, p: name.endswith("lora_B"))
     if checkpointing:
         enable_checkpointing(model, use_reentrant=checkpointing == "reentrant")
         if checkpointing == "reentrant":  # what LoRACallback does for a frozen embedding
@@ -156,7 +156,7 @@ def test_tied_lm_head_merge_is_refused_unless_untied(tiny_lm_dir):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     base = model.model.embed_tokens.weight.detach().clone()
     inject_lora(model, LoRAConfig(r=2, target_modules=["lm_head"]))
-    torch.nn.init.normal_(model.lm_head.lora_B, std=0.1)
+    randomize_adapters(model, std=0.1, select=lambda name, p: name.endswith("lora_B"))
     with pytest.raises(TiedWeightError) as info:
         merge_lora(model)
     assert info.value.name == "lm_head" and info.value.shared_with == [

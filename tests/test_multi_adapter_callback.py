@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from _helpers import randomize_adapters
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -50,10 +51,7 @@ class Module(L.LightningModule):
 def with_a() -> Module:
     module = Module()
     inject_lora(module, A, adapter="a")
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for key, value in adapter_state_dict(module, "a").items():
-            module.get_parameter(key).copy_(torch.randn(value.shape, generator=g) * 0.2)
+    randomize_adapters(module, 5, std=0.2, adapter="a")
     return module
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import randomize_adapters
 from torch import nn
 
-from lora_lightning import LoRAConfig, inject_lora, lora_layers, merge_lora, unmerge_lora
+from lora_lightning import LoRAConfig, inject_lora, merge_lora, unmerge_lora
 
 # Documented bounds, about 2x the measured figures (see tests/README.md).
 MAX_REL_LINEAR = 1.25e-2  # max |merged - unmerged| / max |reference|, one 384x384 layer
@@ -29,11 +30,8 @@ RMS_REL_MINILM = 2.5e-2  # rms |merged - unmerged| / rms |reference| there
 
 
 def _randomise_adapters(model: nn.Module, std: float, seed: int = 0) -> None:
-    """Trained-looking adapters: B is no longer zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+    """Trained-looking adapters: B is no longer zero (A keeps its initial values)."""
+    randomize_adapters(model, seed, std, select=lambda name, p: name.endswith("lora_B"))
 
 
 def _stats(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:

@@ -16,6 +16,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from _helpers import randomize_adapters
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from torch import nn
@@ -154,8 +155,7 @@ def _adapter(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
-    with torch.no_grad():
-        model[0].lora_B.normal_()
+    randomize_adapters(model, std=1.0)
     directory = tmp_path / "adapter"
     save_adapter(model, directory)
     return model, directory
