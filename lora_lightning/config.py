@@ -20,6 +20,8 @@ INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
 MAX_RANK = 2**24
 """No layer is wider; a larger rank could not even be turned into a float scale."""
+MAX_ALPHA = 3.4028234663852886e38
+"""float32's largest value: the scale alpha / r multiplies float32 (or smaller) tensors."""
 _SUFFIX_REGEX = r"(?:.*\.)?(?:{})"  # a rank/alpha key matches a name or a dotted suffix
 
 
@@ -87,6 +89,9 @@ def _check_pattern(name: str, value: Any, kind: type, positive: bool) -> dict[st
             _fail(name, value, f"expected integer ranks (key {key!r} has {v!r})", TypeError)
         if positive and not (v > 0 and (kind is int or _finite(v))):
             _fail(name, value, f"expected finite values > 0 (key {key!r} has {v!r})")
+        if kind is float and v > MAX_ALPHA:
+            _fail(name, value, f"expected values <= {MAX_ALPHA:.4g}, float32's largest (key "
+                  f"{key!r} has {v!r})")
         if kind is int and v > MAX_RANK:
             _fail(name, value, f"expected ranks <= {MAX_RANK:,} (key {key!r} has {v!r})")
         out[key] = kind(v)
@@ -149,6 +154,10 @@ class LoRAConfig:
             _fail("alpha", self.alpha, "expected a number > 0", TypeError)
         if not (self.alpha > 0 and _finite(self.alpha)):
             _fail("alpha", self.alpha, "expected a finite number > 0")
+        if self.alpha > MAX_ALPHA:
+            _fail("alpha", self.alpha,
+                  f"expected a number <= {MAX_ALPHA:.4g} (float32's largest; the scale "
+                  "alpha / r multiplies float32 tensors)")
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
             _fail("dropout", self.dropout, "expected a number in [0, 1)", TypeError)

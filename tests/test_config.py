@@ -270,3 +270,12 @@ def test_a_rank_too_large_for_any_layer_is_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"LoRAConfig\.rank_pattern: .*ranks <="):
         LoRAConfig(rank_pattern={"x": MAX_RANK + 1})
     assert LoRAConfig(r=MAX_RANK).r == MAX_RANK
+
+
+@pytest.mark.parametrize(("field", "value"), [("alpha", 2.72e39), ("alpha", 1e308),
+                                              ("alpha_pattern", {"fc": 1e39})])
+def test_an_alpha_beyond_float32_is_refused_at_construction(field, value):
+    """Found by hypothesis: alpha=2.72e39 passed and every forward then failed converting the
+    scale to float32."""
+    with pytest.raises(ConfigError, match=rf"LoRAConfig\.{field}: .*float32's largest"):
+        LoRAConfig(**{field: value})

@@ -73,10 +73,19 @@ class LoRACallback(Callback):
             its own ``modules_to_save``). ``None`` (the default) trains the ``"default"``
             adapter and saves every trained tensor, as before named adapters existed.
 
+    The module's ``configure_optimizers`` builds its optimizer from the tensors that require
+    grad, best through :func:`~lora_lightning.optim.lora_param_groups`, which also applies
+    LoRA+ when the config sets ``loraplus_lr_ratio`` (the callback warns at train start if
+    the optimizer gives ``B`` no larger rate then).
+
     Example::
 
-        trainer = Trainer(callbacks=[LoRACallback(LoRAConfig(r=8, target_modules=["query",
-                                                                                   "value"]))])
+        class MyModule(LightningModule):
+            def configure_optimizers(self):
+                return torch.optim.AdamW(lora_param_groups(self, lr=1e-3))
+
+        config = LoRAConfig(r=8, target_modules=["query", "value"], loraplus_lr_ratio=16)
+        trainer = Trainer(callbacks=[LoRACallback(config)])
     """
 
     def __init__(
