@@ -14,3 +14,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _inductor_follows_a_forced_cpu_capability() -> None:
+    """With ``ATEN_CPU_CAPABILITY`` forced (the suite is checked under ``avx2`` and
+    ``default``), ATen's headers are built for that capability while inductor still picks
+    the widest SIMD the CPU has, and its C++ fails to compile (``'at::vec' has not been
+    declared``). Make inductor's vector width follow the forced capability."""
+    import os
+
+    forced = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    width = {"default": 1, "avx2": 256, "avx512": 512}.get(forced)
+    if width is not None:
+        import torch._inductor.config as inductor
+
+        inductor.cpp.simdlen = width
+
+
+_inductor_follows_a_forced_cpu_capability()

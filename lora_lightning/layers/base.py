@@ -402,13 +402,15 @@ class LoRALayer:
             raise PerSampleError(type(self)._lora_base_class.__name__)
         if self.lora_disabled:
             return result
-        out = result
+        update = None
         for name, idx in self.lora_groups:
             if name not in self.lora_specs:
                 continue  # this layer carries no such adapter: base output for those samples
             xs, rs = x.index_select(0, idx), result.index_select(0, idx)
-            out = out.index_add(0, idx, self.delta(xs, rs, name).to(out.dtype))
-        return out
+            if update is None:  # one buffer for every group: no output-sized copy per group
+                update = torch.zeros_like(result)
+            update.index_add_(0, idx, self.delta(xs, rs, name).to(result.dtype))
+        return result if update is None else result + update
 
     # -- the update and merging, written once --------------------------------------------
     def _update(self, names: list[str]) -> Tensor:
