@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError, ConfigTypeError
 
 BIAS_MODES = ("none", "all", "lora_only")
+ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
 INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
 MAX_RANK = 2**24
@@ -138,6 +139,12 @@ class LoRAConfig:
     """Modules trained fully (for example a new classifier head); exact name or suffix."""
     use_dora: bool = False
     """DoRA: a trainable magnitude per output with the direction W + ΔW normalised."""
+    adapter_dtype: str | None = None
+    """The adapters' dtype: ``None`` (default) float32 on a float16/bfloat16 base and the
+    base's dtype otherwise (as PEFT's ``autocast_adapter_dtype``: an update below bf16's
+    resolution is not lost); ``"base"`` the base weight's dtype; or ``"float32"``,
+    ``"bfloat16"``, ``"float16"``, ``"float64"``. Kept when the model is converted
+    (``model.to(torch.bfloat16)``, ``precision="bf16-true"``)."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: the ``B`` factors train with this many times the learning rate (2 to 16 in
     the paper). Applied by :func:`~lora_lightning.optim.lora_param_groups`, which an
@@ -177,6 +184,9 @@ class LoRAConfig:
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "expected True or False", TypeError)
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            _fail("adapter_dtype", self.adapter_dtype,
+                  f"expected None or one of {list(ADAPTER_DTYPES)}")
         if self.loraplus_lr_ratio is not None:
             ratio = self.loraplus_lr_ratio
             if isinstance(ratio, bool) or not isinstance(ratio, int | float):

@@ -127,7 +127,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
             module.__class__ = planned.lora_class
             module._lora_setup()
         module.add_adapter(adapter, planned.r, planned.alpha, planned.scaling, config.dropout,
-                           config.init, variant_for(config))
+                           config.init, variant_for(config), config.adapter_dtype)
     reg = model.__dict__.setdefault(REGISTRY_ATTR, AdapterRegistry())
     reg.configs[adapter] = config
     for name in plan.new:

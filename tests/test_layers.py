@@ -536,7 +536,7 @@ def test_bf16_merges_in_fp32_and_casts_once(layer_name):
     model.to(torch.bfloat16)
     randomize_adapters(model)
     layer = model.layer
-    assert layer.lora_A.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == torch.float32  # float32 adapters on a bf16 base (issue 19)
     w0 = layer.weight.detach().clone()
     delta = ref_delta(layer)  # float32 from the bf16 adapters
     expected = (w0.float() + layer.scaling * delta).to(torch.bfloat16)
@@ -546,12 +546,33 @@ def test_bf16_merges_in_fp32_and_casts_once(layer_name):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_bf16_injection_keeps_dtype(dora):
+@pytest.mark.parametrize(("rule", "adapters"), [(None, torch.float32), ("base", torch.bfloat16),
+                                                ("float64", torch.float64)])
+def test_bf16_injection_keeps_the_base_dtype_and_gives_adapters_theirs(dora, rule, adapters):
+    """On a bf16 base, adapters are float32 by default (adapter_dtype="base": bf16); the
+    base keeps its dtype and every layer's output stays bf16."""
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).to(torch.bfloat16)
-    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear", use_dora=dora))
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear", use_dora=dora,
+                                  adapter_dtype=rule))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {adapters}
     y = model(torch.randn(3, 8, dtype=torch.bfloat16))  # layer 2 needs a bf16 input
     assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == adapters for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_converting_the_model_keeps_each_adapter_in_its_dtype():
+    """model.to(torch.bfloat16) (what precision="bf16-true" does) keeps float32 adapters;
+    with adapter_dtype="base" they follow the base."""
+    for rule, want in ((None, torch.float32), ("base", torch.bfloat16)):
+        model = nn.Sequential(nn.Linear(8, 8))
+        inject_lora(model, LoRAConfig(r=2, target_modules=["0"], adapter_dtype=rule))
+        model.to(torch.bfloat16)
+        assert model[0].weight.dtype == torch.bfloat16 and model[0].lora_B.dtype == want
+        model.double()
+        assert model[0].lora_B.dtype == torch.float64  # not a half base: the base's dtype
 
 
 @pytest.mark.parametrize("rows", [64, "fold"])

@@ -72,6 +72,8 @@ class AdapterSpec:
     scaling: float
     dropout: float
     variant: LoRAVariant | None = None
+    dtype_rule: str | None = None
+    """``LoRAConfig.adapter_dtype``: what :meth:`LoRALayer.adapter_dtype` resolves."""
 
     @property
     def use_dora(self) -> bool:
@@ -201,10 +203,31 @@ class LoRALayer:
         w = self.base_weight()
         w.copy_(value.to(w.dtype))
 
-    def adapter_dtype(self) -> torch.dtype:
-        """The dtype new adapter tensors get: the base weight's, if it is floating point."""
+    def adapter_dtype(self, rule: str | None = None) -> torch.dtype:
+        """The dtype adapter tensors get under ``rule`` (``LoRAConfig.adapter_dtype``):
+        by default float32 on a half-precision or non-float base, else the base's."""
         w = self.base_weight()
-        return w.dtype if w.is_floating_point() else torch.float32
+        if rule not in (None, "base"):
+            return getattr(torch, rule)
+        if not w.is_floating_point():
+            return torch.float32
+        if rule is None and w.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return w.dtype
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``module.to(dtype)`` (Lightning's "bf16-true" converts the whole module) would
+        # turn the adapters into the base's dtype: put each adapter back into its own.
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        for name, spec in self.__dict__.get("lora_specs", {}).items():
+            want = self.adapter_dtype(spec.dtype_rule)
+            for attr in self.adapter_param_names(name):
+                p = getattr(self, attr)
+                if p.dtype != want:
+                    p.data = p.data.to(want)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(want)
+        return out
 
     # -- construction ------------------------------------------------------------------
     def _lora_setup(self) -> None:
@@ -226,18 +249,19 @@ class LoRALayer:
             raise MergedLayersError(operation, [type(self).__name__])
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
-                    init: str, variant: LoRAVariant | None = None) -> None:
+                    init: str, variant: LoRAVariant | None = None,
+                    dtype_rule: str | None = None) -> None:
         """Add adapter ``name`` (its update starts at zero, so the output is unchanged)."""
         self._refuse_if_merged(f"adding adapter {name!r}")
         a_name, b_name, _ = param_names(name)
         a_shape, b_shape = self.lora_shapes(r)
-        device, dtype = self.base_weight().device, self.adapter_dtype()
+        device, dtype = self.base_weight().device, self.adapter_dtype(dtype_rule)
         a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         b = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
         self.init_adapter(init, a, b, r)
         setattr(self, a_name, a)
         setattr(self, b_name, b)
-        self.lora_specs[name] = AdapterSpec(r, alpha, scaling, dropout, variant)
+        self.lora_specs[name] = AdapterSpec(r, alpha, scaling, dropout, variant, dtype_rule)
         if variant is not None:
             variant.create(self, name)
 
@@ -349,7 +373,7 @@ class LoRALayer:
         lora = self.lora_forward(_as(xd, a.dtype), a, b).to(base_out.dtype)
         if spec.variant is None:
             return lora * spec.scaling
-        return spec.variant.delta(self, name, x, xd, base_out, lora)
+        return spec.variant.delta(self, name, x, xd, base_out, lora).to(base_out.dtype)
 
     def _add_in_place(self, x: Tensor, name: str) -> Tensor:
         """Base output plus one plain adapter's update, added in place: the base op's

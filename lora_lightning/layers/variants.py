@@ -93,7 +93,7 @@ class DoRA(LoRAVariant):
     def create(self, layer: LoRALayer, adapter: str) -> None:
         with torch.no_grad():
             norm = self.weight_norm(layer, adapter)
-        dtype = layer.adapter_dtype()
+        dtype = layer.adapter_dtype(layer.lora_specs[adapter].dtype_rule)
         setattr(layer, self.param_names(adapter)[0],
                 nn.Parameter(norm.reshape(layer.magnitude_shape()).to(dtype, copy=True)))
 
