@@ -72,16 +72,18 @@ class StartAdapters(L.Callback):
         self.adapters = {k: v.detach().clone() for k, v in adapter_state_dict(pl_module).items()}
 
 
-def train(devices: int) -> tuple[WorkerModule, L.Trainer, dict[str, torch.Tensor]]:
-    """Train for ``STEPS`` optimizer steps on ``devices`` CPU processes; also return the
-    adapters as they were when training started."""
+def train(devices: int, resume: str | None = None,
+          ) -> tuple[WorkerModule, L.Trainer, dict[str, torch.Tensor]]:
+    """Train for ``STEPS`` optimizer steps on ``devices`` CPU processes (``STEPS`` more after
+    resuming from the checkpoint ``resume``); also return the adapters as they were when
+    training started (after the checkpoint was restored, when resuming)."""
     module = WorkerModule()
     start = StartAdapters()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
-        max_steps=STEPS,
+        max_steps=STEPS * (2 if resume else 1),
         use_distributed_sampler=False,  # the module builds its own DistributedSampler
         logger=False,
         enable_checkpointing=False,
@@ -89,13 +91,18 @@ def train(devices: int) -> tuple[WorkerModule, L.Trainer, dict[str, torch.Tensor
         enable_model_summary=False,
         callbacks=[LoRACallback(CONFIG, verbose=False), start],
     )
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=resume)
     return module, trainer, start.adapters
 
 
-def main(out: str, devices: int) -> None:
+def main(out: str, devices: int, mode: str = "") -> None:
+    """``mode``: ``save:PATH`` also saves a checkpoint at the end (every rank calls
+    ``save_checkpoint``, as Lightning requires); ``resume:PATH`` resumes from one."""
     torch.set_num_threads(1)
-    module, trainer, start = train(devices)
+    action, _, path = mode.partition(":")
+    module, trainer, start = train(devices, resume=path if action == "resume" else None)
+    if action == "save":
+        trainer.save_checkpoint(path)
     adapters = adapter_state_dict(module)
     torch.save(
         {
@@ -112,4 +119,4 @@ def main(out: str, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

@@ -260,9 +260,7 @@ def _load_worker():
     return worker
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_ddp_two_cpu_processes_match_a_single_process_run(tmp_path):
-    out = tmp_path / "ddp"
+def _ddp_env() -> dict[str, str]:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -275,12 +273,23 @@ def test_ddp_two_cpu_processes_match_a_single_process_run(tmp_path):
     }
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(var, None)
+    return env
+
+
+def _run_ddp(tmp_path, out, *mode: str) -> list[dict]:
+    """Run tests/_ddp_worker.py on two gloo processes; each rank's dump."""
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "_ddp_worker.py"), str(out), "2"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        [sys.executable, str(TESTS / "_ddp_worker.py"), str(out), "2", *mode],
+        env=_ddp_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_ddp_two_cpu_processes_match_a_single_process_run(tmp_path):
+    out = tmp_path / "ddp"
+    ranks = _run_ddp(tmp_path, out)
     assert [r["world_size"] for r in ranks] == [2, 2]
 
     worker = _load_worker()
@@ -693,3 +702,22 @@ def test_export_flags_write_a_peft_adapter_and_a_merged_state_dict(tmp_path):
     assert not any("lora_" in k for k in merged)
     with torch.no_grad():
         assert_close_fp32(plain.eval()(x), want)  # merged weights vs the adapter path
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_a_checkpoint_saved_by_two_ddp_processes_restores_every_rank_s_adapters(tmp_path):
+    """Issue 19, item 2 (an Accelerate FSDP2 bug saved only rank 0's shard and silently
+    reset the rest on resume): every rank restores the saved adapters, not its fresh ones."""
+    ckpt = tmp_path / "ddp.ckpt"
+    trained = _run_ddp(tmp_path, tmp_path / "first", f"save:{ckpt}")
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["lora_lightning"]["mode"] == "adapter"
+    resumed = _run_ddp(tmp_path, tmp_path / "resumed", f"resume:{ckpt}")
+    for rank in (0, 1):
+        restored = resumed[rank]["start"]  # the adapters at train start, after the restore
+        assert set(restored) == ADAPTER_KEYS
+        for key in ADAPTER_KEYS:
+            assert torch.equal(restored[key], saved["state_dict"][key]), (rank, key)
+            assert torch.equal(restored[key], trained[rank]["adapters"][key]), (rank, key)
+            assert not torch.equal(restored[key], trained[rank]["start"][key]), (rank, key)
+        assert resumed[rank]["global_step"] == 2 * trained[rank]["global_step"]
