@@ -8,12 +8,12 @@ or refill the base weights an adapter-only checkpoint leaves out.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from omegaconf import Container, OmegaConf
 
 from ..checkpoint.checks import validate_meta
 from ..checkpoint.meta import META_KEY
@@ -41,9 +41,13 @@ MAX_HPARAM_BYTES = 1 << 20
 
 
 def _raw(value: Any) -> Any:
-    """``value`` as plain containers, OmegaConf interpolations left as their strings."""
-    if isinstance(value, Container):
-        return OmegaConf.to_container(value, resolve=False)
+    """``value`` as plain containers, OmegaConf interpolations left as their strings.
+
+    OmegaConf is not imported here (the core never needs it): a file that holds its
+    containers has imported it while being unpickled."""
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is not None and isinstance(value, omegaconf.Container):
+        return omegaconf.OmegaConf.to_container(value, resolve=False)
     return value
 
 
