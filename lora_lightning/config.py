@@ -3,17 +3,34 @@
 Every invalid value raises ``ValueError`` (or ``TypeError`` for a wrong type) naming the
 field, the value received and what is allowed, so a bad config fails at construction and
 never half-way through training.
+
+Regexes come from files too (``adapter_config.json``, a checkpoint's metadata), so their
+matching is bounded: a pattern is at most :data:`MAX_PATTERN_CHARS` long; it is matched by
+RE2 (linear time, from the ``google-re2`` package) when RE2 accepts it; otherwise (a
+lookaround, a backreference, or RE2 not installed) by Python's ``re`` with a time limit of
+:data:`MATCH_SECONDS` per module name, enforced in the main thread (a timer signal;
+another thread has no such limit). Past either bound, a :class:`PatternError` names the
+field and the pattern.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError, ConfigTypeError
+from .errors import ConfigError, ConfigTypeError, PatternError
+
+try:  # google-re2: linear-time matching, whatever the pattern
+    import re2 as _re2
+except ImportError:  # pragma: no cover - a declared dependency; Python's re with a timer
+    _re2 = None
 
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
@@ -24,6 +41,11 @@ MAX_RANK = 2**24
 MAX_ALPHA = 3.4028234663852886e38
 """float32's largest value: the scale alpha / r multiplies float32 (or smaller) tensors."""
 _SUFFIX_REGEX = r"(?:.*\.)?(?:{})"  # a rank/alpha key matches a name or a dotted suffix
+MAX_PATTERN_CHARS = 100_000
+"""The longest regex accepted (``save_adapter`` writes one alternation of every adapted
+module's escaped name, so a large model's is a few tens of kB)."""
+MATCH_SECONDS = 0.25
+"""How long Python's ``re`` may take to match one module name (patterns RE2 refuses)."""
 
 
 def _fail(name: str, value: Any, allowed: str, exc: type[Exception] = ValueError) -> None:
@@ -40,12 +62,70 @@ def _finite(value: float) -> bool:
 
 def _check_regex(name: str, pattern: str, template: str = "{}") -> None:
     # ``template`` is the form the pattern is used in (rank/alpha keys are embedded in a
-    # suffix regex, where for example a mid-pattern "(?i)" is an error). re.compile raises
-    # OverflowError for huge repeat counts and RecursionError for very deep nesting.
+    # suffix regex, where for example a mid-pattern "(?i)" is an error).
+    compile_pattern(name, pattern, template)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _raise_timeout(signum, frame) -> None:
+    raise _Timeout
+
+
+def _timed(field_name: str, pattern: str, match: Callable[[str], Any]) -> Callable[[str], bool]:
+    """``match`` under a :data:`MATCH_SECONDS` timer (main thread, where signals exist)."""
+    def fullmatch(name: str) -> bool:
+        if (threading.current_thread() is not threading.main_thread()
+                or not hasattr(signal, "setitimer")):
+            return match(name) is not None
+        previous = signal.signal(signal.SIGALRM, _raise_timeout)
+        start = time.monotonic()
+        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, MATCH_SECONDS)
+        try:
+            return match(name) is not None
+        except _Timeout:
+            raise PatternError(field_name, pattern, (
+                f"matching it against module name {name!r} took longer than "
+                f"{MATCH_SECONDS} s (catastrophic backtracking); write it without nested or "
+                "overlapping repeats, such as (a|a)* or (.*)*")) from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            if old_delay:  # someone else's timer: give back what is left of it
+                left = max(old_delay - (time.monotonic() - start), 1e-3)
+                signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+    return fullmatch
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_pattern(field_name: str, pattern: str, template: str = "{}"
+                    ) -> Callable[[str], bool]:
+    """A full-match function for ``template.format(pattern)``, bounded in time (see the
+    module docstring). Raises :class:`ConfigError` for an invalid regex and
+    :class:`PatternError` for one over :data:`MAX_PATTERN_CHARS`; the function raises
+    :class:`PatternError` when a match runs past :data:`MATCH_SECONDS`."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise PatternError(field_name, pattern[:60] + "...", (
+            f"a regex of {len(pattern):,} characters, above the {MAX_PATTERN_CHARS:,} allowed"))
+    full = template.format(pattern)
+    # re.compile raises OverflowError for huge repeat counts and RecursionError for very
+    # deep nesting. Python's syntax is the reference: RE2 only runs what both accept.
     try:
-        re.compile(template.format(pattern))
+        compiled = re.compile(full)
     except (re.error, OverflowError, RecursionError) as err:
-        _fail(name, pattern, f"expected a valid regular expression ({err})")
+        _fail(field_name, pattern, f"expected a valid regular expression ({err})")
+    if _re2 is not None and "{," not in full:  # RE2 reads "{,n}" as literal text
+        options = _re2.Options()
+        options.log_errors = False
+        try:
+            fast = _re2.compile(full, options=options)
+        except _re2.error:
+            pass  # a lookaround or backreference: Python's re, with the timer
+        else:
+            return lambda name: fast.fullmatch(name) is not None
+    return _timed(field_name, pattern, compiled.fullmatch)
 
 
 def _check_names(name: str, value: Any, allow_regex: bool) -> Any:
@@ -203,11 +283,11 @@ class LoRAConfig:
     # -- per-module values ---------------------------------------------------------
     def rank_for(self, name: str) -> int:
         """Rank for module ``name``: the first matching ``rank_pattern`` key, else ``r``."""
-        return _pattern_value(self.rank_pattern, name, self.r)
+        return _pattern_value(self.rank_pattern, name, self.r, "rank_pattern")
 
     def alpha_for(self, name: str) -> float:
         """Alpha for module ``name``: the first matching ``alpha_pattern`` key, else ``alpha``."""
-        return _pattern_value(self.alpha_pattern, name, self.alpha)
+        return _pattern_value(self.alpha_pattern, name, self.alpha, "alpha_pattern")
 
     def scaling_for(self, r: int, alpha: float) -> float:
         """The update's scale: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
@@ -246,16 +326,17 @@ class UnknownFieldError(ConfigError):
         self.field, self.value, self.allowed = unknown[0], unknown, f"one of {known}"
 
 
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any,
+                   field_name: str) -> Any:
     for key, value in patterns.items():
-        if pattern_key_matches(key, name):
+        if pattern_key_matches(key, name, field_name):
             return value
     return default
 
 
-def pattern_key_matches(key: str, name: str) -> bool:
+def pattern_key_matches(key: str, name: str, field_name: str = "rank_pattern") -> bool:
     """A ``rank_pattern``/``alpha_pattern`` key matches a name or a dotted suffix of it."""
-    return re.fullmatch(_SUFFIX_REGEX.format(key), name) is not None
+    return compile_pattern(field_name, key, _SUFFIX_REGEX)(name)
 
 
 def entry_matches(entry: str, name: str) -> bool:
@@ -263,10 +344,11 @@ def entry_matches(entry: str, name: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def name_matches(name: str, spec: str | list[str] | None) -> bool:
+def name_matches(name: str, spec: str | list[str] | None,
+                 field_name: str = "target_modules") -> bool:
     """PEFT's rule: a string is a full-name regex; a list matches exact names or suffixes."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return compile_pattern(field_name, spec)(name)
     return any(entry_matches(s, name) for s in spec)

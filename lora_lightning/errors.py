@@ -254,3 +254,50 @@ class OptimizerCoverageError(LoRAError, RuntimeError):
     def __init__(self, names: list[str], message: str) -> None:
         self.names = list(names)
         super().__init__(message)
+
+
+class CheckpointFieldError(CheckpointReadError):
+    """A field of a checkpoint file has a value that is refused (wrong type, too large, an
+    OmegaConf interpolation that would be resolved on load).
+
+    Attributes:
+        path: the file.
+        field: the field, as a path of keys (``"hyper_parameters.net_cfg.token"``,
+            ``"lora_lightning.ranks"``).
+        value: the value found (shortened in the message).
+    """
+
+    def __init__(self, path: str, field: str, value: Any, problem: str) -> None:
+        self.field, self.value = field, value
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"checkpoint {path!r}: field {field!r} is {shown}; {problem}.", path)
+
+
+class FileAllocationError(CheckpointReadError):
+    """A pickled file asks for a large allocation from a few bytes (``bytearray(10**9)``);
+    refused before anything is unpickled.
+
+    Attributes:
+        path: the file.
+        calls: the calls found, as ``"builtins.bytearray(600000000)"``.
+        limit: the most bytes one such call may ask for.
+    """
+
+    def __init__(self, path: str, calls: list[str], limit: int) -> None:
+        self.calls, self.limit = list(calls), limit
+        super().__init__(
+            f"file {path!r} was not loaded: it pickles {', '.join(self.calls[:4])}, asking for "
+            f"more than {limit:,} bytes from a few bytes of file; a checkpoint never does "
+            "that, so nothing was unpickled.", path)
+
+
+class PatternError(ConfigError):
+    """A regex (``target_modules``, ``exclude_modules``, a ``rank_pattern`` or
+    ``alpha_pattern`` key) is too long, or took too long to match a module name.
+
+    Attributes:
+        field: the ``LoRAConfig`` field.
+        value: the pattern.
+        allowed: what would work, in words.
+    """

@@ -23,7 +23,6 @@ contract): whether a module qualifies, and which children are adapted with it
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -98,7 +97,8 @@ def _check_entries(config: LoRAConfig, names: list[str]) -> None:
         if spec is None or spec == ALL_LINEAR:
             continue
         if isinstance(spec, str):
-            if field_name == "exclude_modules" and not any(re.fullmatch(spec, n) for n in names):
+            if field_name == "exclude_modules" and not any(
+                    name_matches(n, spec, field_name) for n in names):
                 raise _no_match(field_name, spec, spec, names, "regex")
             continue
         unmatched = [e for e in spec if not any(entry_matches(e, n) for n in names)]
@@ -172,7 +172,7 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
     names = [n for n in modules if n]
     _check_entries(config, names)
     plan = InjectionPlan(config, adapter)
-    saved_all = {n for n in names if name_matches(n, config.modules_to_save)}
+    saved_all = {n for n in names if name_matches(n, config.modules_to_save, "modules_to_save")}
     plan.saved = sorted(n for n in saved_all if _inside(n.rpartition(".")[0], saved_all) is None)
     all_linear = config.target_modules == ALL_LINEAR
     heads = _heads(model, saved_all) if all_linear else set(saved_all)
@@ -189,7 +189,7 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
         elif not name_matches(name, config.target_modules):
             continue
         kind = (module._lora_base_class if isinstance(module, LoRALayer) else type(module))
-        if name_matches(name, config.exclude_modules):
+        if name_matches(name, config.exclude_modules, "exclude_modules"):
             plan.skipped.append(Skipped(name, kind.__name__, "matches exclude_modules"))
             continue
         head = _inside(name, heads)
@@ -243,7 +243,7 @@ def _check_pattern_keys(config: LoRAConfig, names: list[str]) -> None:
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name)
         for key in patterns:
-            if not any(pattern_key_matches(key, n) for n in names):
+            if not any(pattern_key_matches(key, n, field_name) for n in names):
                 raise _no_match(field_name, patterns, key, names, "key")
 
 

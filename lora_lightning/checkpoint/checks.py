@@ -8,11 +8,16 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from ..adapters import list_adapters
-from ..errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
+from ..errors import (
+    AdapterLoadError,
+    CheckpointFieldError,
+    CheckpointMismatchError,
+    StateDictMismatchError,
+)
 from ..registry import find_config, lora_param_keys
 from .adapter_state import preview
 from .fingerprint import base_fingerprint
-from .meta import META_VERSION, adapter_layers
+from .meta import META_KEY, META_VERSION, SAVE_MODES, adapter_layers
 
 
 def check_adapter_keys_present(
@@ -69,16 +74,53 @@ def check_state_dict_fits(
         )
 
 
-def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
-    """Refuse a checkpoint made for another rank, target set or base model.
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    Raises :class:`CheckpointMismatchError` naming every difference found.
-    """
+
+def _meta_field_problem(key: str, value: object) -> str | None:
+    """What is wrong with one metadata field's type, or None."""
+    if key == "mode" and value not in SAVE_MODES:
+        return f"expected one of {list(SAVE_MODES)}"
+    if key == "adapter" and value is not None and not isinstance(value, str):
+        return "expected an adapter name (a string) or null"
+    if key == "config" and not isinstance(value, Mapping):
+        return "expected a mapping of LoRAConfig fields"
+    if key == "injected" and not (isinstance(value, list | tuple)
+                                  and all(isinstance(n, str) for n in value)):
+        return "expected a list of module names"
+    if key == "ranks" and not (isinstance(value, Mapping) and all(
+            isinstance(n, str) and _is_int(r) for n, r in value.items())):
+        return "expected a mapping from module name to an integer rank"
+    if key == "fingerprint" and not (
+            isinstance(value, Mapping) and isinstance(value.get("sha256"), str)
+            and _is_int(value.get("tensors"))):
+        return "expected a mapping with a string 'sha256' and an integer 'tensors'"
+    return None
+
+
+def validate_meta(meta: object, source: str = "checkpoint") -> None:
+    """Refuse LoRA metadata of an unsupported version (:class:`CheckpointMismatchError`) or
+    with a field of the wrong type (:class:`CheckpointFieldError`, naming the field), before
+    any of it is used."""
     if not isinstance(meta, Mapping) or meta.get("version") != META_VERSION:
         got = meta.get("version") if isinstance(meta, Mapping) else type(meta).__name__
         raise CheckpointMismatchError(
             f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
         )
+    for key in ("mode", "adapter", "config", "injected", "ranks", "fingerprint"):
+        problem = _meta_field_problem(key, meta[key]) if key in meta else None
+        if problem:
+            raise CheckpointFieldError(source, f"{META_KEY}.{key}", meta.get(key), problem)
+
+
+def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for another rank, target set or base model.
+
+    Raises :class:`CheckpointMismatchError` naming every difference found (and
+    :class:`CheckpointFieldError` for malformed metadata, see :func:`validate_meta`).
+    """
+    validate_meta(meta, source)
     adapter = meta.get("adapter")
     if adapter is not None and adapter not in list_adapters(model):
         raise CheckpointMismatchError(

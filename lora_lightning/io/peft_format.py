@@ -10,6 +10,7 @@ and the file.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -117,6 +118,44 @@ def from_peft_keys(state_dict: dict[str, Tensor], adapter: str = DEFAULT_ADAPTER
             new = f"{owner}.{rename[leaf]}" if owner else rename[leaf]
         out[new] = value
     return out
+
+
+# -- reading adapter_config.json --------------------------------------------------------
+MAX_CONFIG_CHARS = 1 << 20
+"""The longest ``adapter_config.json`` read (1 MiB; PEFT's are a few kB)."""
+MAX_NUMBER_DIGITS = 100
+"""Longer integers in ``adapter_config.json`` are kept as an unusable placeholder, so the
+field check that meets one names its field (``int()`` of 5,000 digits raises, naming none)."""
+
+
+class _LongNumber(str):
+    """An integer of more than :data:`MAX_NUMBER_DIGITS` digits, not converted."""
+
+    def __repr__(self) -> str:
+        return f"<a {len(self):,}-digit number>"
+
+
+def _parse_int(text: str) -> int | _LongNumber:
+    return int(text) if len(text.lstrip("-")) <= MAX_NUMBER_DIGITS else _LongNumber(text)
+
+
+def parse_config_json(text: str, source: str = CONFIG_NAME) -> Any:
+    """Parse the text of an ``adapter_config.json`` as untrusted input.
+
+    Every failure is one :class:`AdapterFileError` naming ``source``: invalid JSON, a file
+    over :data:`MAX_CONFIG_CHARS`, nesting too deep for the parser (``RecursionError``).
+    Huge integers are left for :func:`from_peft_config` to refuse, naming their field.
+    """
+    if len(text) > MAX_CONFIG_CHARS:
+        raise AdapterFileError(f"{source}: {len(text):,} characters, more than the "
+                               f"{MAX_CONFIG_CHARS:,} an adapter_config.json may hold.", source)
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except RecursionError as err:
+        raise AdapterFileError(f"{source}: not valid JSON for an adapter config (nested too "
+                               "deeply to parse).", source) from err
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise AdapterFileError(f"{source}: not valid JSON ({err}).", source) from err
 
 
 # -- config translation ---------------------------------------------------------------

@@ -12,6 +12,11 @@ app passes as OmegaConf containers (plus ``pathlib`` paths); none of them runs c
 built. ``trusted=True`` is the explicit opt-in for files you made yourself or trust: they
 load with ``weights_only=False``.
 
+What a few bytes of pickle can make the loader allocate is capped too: a call of
+``bytearray`` or ``bytes`` with a length above :data:`MAX_PICKLED_ALLOCATION` (a 1.4 kB
+file can otherwise ask for 600 MB) is refused with :class:`FileAllocationError`, found by
+reading the pickle's opcodes, before anything is unpickled.
+
 Zip archives also get their CRC-32s checked first (``torch.load`` never checks them, so a
 flipped bit in tensor data would load silently), and every failure becomes one
 :class:`CheckpointReadError` naming the file.
@@ -20,8 +25,10 @@ flipped bit in tensor data would load silently), and every failure becomes one
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import pickle
+import pickletools
 import zipfile
 import zlib
 from pathlib import Path
@@ -29,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointReadError, UnsafeFileError
+from ..errors import CheckpointReadError, FileAllocationError, UnsafeFileError
 
 SAFE_GLOBALS = frozenset({
     # OmegaConf containers, as Lightning pickles the hparams a Hydra app passes
@@ -48,9 +55,120 @@ SAFE_GLOBALS = frozenset({
 })
 """Pickled globals a safe load allows beyond torch's own tensor and primitive types."""
 
-# What torch.load raises on a damaged file (truncated zip: OSError EINVAL; empty: EOFError).
+# What torch.load raises on a damaged or foreign file (truncated zip: OSError EINVAL; empty:
+# EOFError; a text file: KeyError; allow-listed callables with bad arguments, as
+# set([[1]]): TypeError; deep nesting: RecursionError, a RuntimeError).
 READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-               ValueError, zlib.error)
+               ValueError, zlib.error, TypeError, KeyError, IndexError, AttributeError,
+               MemoryError, OverflowError)
+
+MAX_PICKLED_ALLOCATION = 1 << 20
+"""The most bytes one ``bytearray(n)`` or ``bytes(n)`` in a pickle may ask for (1 MiB).
+Files this package and Lightning write never call them with a length at all."""
+_AMPLIFIERS = frozenset({"builtins.bytearray", "builtins.bytes"})
+_PUSH_ARG = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
+                       "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+                       "STRING", "BINSTRING", "SHORT_BINSTRING"})
+
+
+class _Global(str):
+    """A global named in a pickle (as ``module.name``), on the simulated stack."""
+
+
+def _oversized_calls(stream: io.BufferedIOBase, limit: int) -> list[str]:
+    """Calls of ``bytearray``/``bytes`` with a length above ``limit`` in one pickle.
+
+    Follows the pickle's opcodes on a simulated stack (globals, ints and strings are kept,
+    everything else is a placeholder); nothing is built or run. A malformed pickle stops
+    the scan: ``torch.load`` then reports it.
+    """
+    mark, stack, memo, found = object(), [], {}, []
+
+    def pop():
+        return stack.pop() if stack else None
+
+    def pop_to_mark():
+        items = []
+        while stack and stack[-1] is not mark:
+            items.append(stack.pop())
+        pop()
+        return items[::-1]
+
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            name = op.name
+            if name == "GLOBAL":
+                stack.append(_Global(str(arg).replace(" ", ".").replace("__builtin__.",
+                                                                         "builtins.")))
+            elif name == "STACK_GLOBAL":
+                attr, module = pop(), pop()
+                stack.append(_Global(f"{module}.{attr}".replace("__builtin__.", "builtins.")))
+            elif name in _PUSH_ARG:
+                stack.append(arg)
+            elif name == "MARK":
+                stack.append(mark)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1] if stack else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1] if stack else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg))
+            elif name == "DUP":
+                stack.append(stack[-1] if stack else None)
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                items = [pop() for _ in range(n)][::-1]
+                stack.append(tuple(items))
+            elif name == "EMPTY_TUPLE":
+                stack.append(())
+            elif name == "TUPLE":
+                stack.append(tuple(pop_to_mark()))
+            elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
+                if name == "NEWOBJ_EX":
+                    pop()
+                args, func = pop(), pop()
+                if (isinstance(func, _Global) and func in _AMPLIFIERS
+                        and isinstance(args, tuple) and args and type(args[0]) is int
+                        and args[0] > limit):
+                    found.append(f"{func}({args[0]})")
+                stack.append(None)
+            else:
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    pop_to_mark()
+                    for _ in range(before.index(pickletools.markobject)):
+                        pop()
+                else:
+                    for _ in before:
+                        pop()
+                stack.extend(None for _ in op.stack_after)
+    except (ValueError, EOFError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+        pass
+    return found
+
+
+def check_allocations(path: str | os.PathLike, limit: int = MAX_PICKLED_ALLOCATION) -> None:
+    """Refuse a ``torch.save`` file whose pickle asks for more than ``limit`` bytes in one
+    ``bytearray``/``bytes`` call (:class:`FileAllocationError`), without unpickling it."""
+    found = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        with archive.open(member) as f:
+                            found += _oversized_calls(io.BufferedReader(f), limit)
+        else:  # the legacy format: a few pickles in a row, then raw storage bytes
+            with open(path, "rb") as f:
+                for _ in range(5):
+                    start = f.tell()
+                    found += _oversized_calls(f, limit)
+                    if f.tell() == start:
+                        break
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error):
+        return  # unreadable: torch.load reports it
+    if found:
+        raise FileAllocationError(str(path), found, limit)
 
 
 def unreadable(path: str | os.PathLike, err: BaseException) -> CheckpointReadError:
@@ -118,6 +236,7 @@ def torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, trusted: b
     """
     if trusted:
         return torch.load(path, map_location=map_location, weights_only=False)
+    check_allocations(path)
     if zipfile.is_zipfile(path):
         refused = unsafe_globals(path)
         if refused:
@@ -160,7 +279,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
     verify_checkpoint_file(path)
     try:
         data = torch_load(path, map_location, trusted=trusted)
-    except UnsafeFileError:
+    except CheckpointReadError:
         raise
     except READ_ERRORS as err:
         raise unreadable(path, err) from err

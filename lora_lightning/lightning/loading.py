@@ -8,15 +8,24 @@ or refill the base weights an adapter-only checkpoint leaves out.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ..checkpoint.checks import validate_meta
 from ..checkpoint.meta import META_KEY
 from ..checkpoint.restore import prepare_lora_state
 from ..config import LoRAConfig
-from ..errors import CheckpointMismatchError, CheckpointReadError, TargetMatchError
+from ..errors import (
+    CheckpointFieldError,
+    CheckpointMismatchError,
+    CheckpointReadError,
+    ConfigError,
+    TargetMatchError,
+)
 from ..inject import inject_lora
 from ..io.safe_load import read_checkpoint
 from ..layers.base import DEFAULT_ADAPTER
@@ -25,6 +34,82 @@ from ..merge import merge_lora
 __all__ = ["CheckpointReadError", "load_lora_checkpoint", "read_checkpoint"]
 
 M = TypeVar("M", bound=LightningModule)
+
+MAX_HPARAM_BYTES = 1 << 20
+"""The longest ``str``, ``bytes`` or ``bytearray`` a checkpoint's hyperparameters may hold
+(1 MiB); hyperparameters are settings, and a longer value is refused naming its key."""
+
+
+def _raw(value: Any) -> Any:
+    """``value`` as plain containers, OmegaConf interpolations left as their strings.
+
+    OmegaConf is not imported here (the core never needs it): a file that holds its
+    containers has imported it while being unpickled."""
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is not None and isinstance(value, omegaconf.Container):
+        return omegaconf.OmegaConf.to_container(value, resolve=False)
+    return value
+
+
+def _problems(value: Any, key: str, depth: int = 0):
+    """(key path, value, problem) for each refused value in the hyperparameters."""
+    value = _raw(value)
+    if depth > 100:
+        yield key, "...", "nested more than 100 levels deep"
+        return
+    if isinstance(value, str | bytes | bytearray) and len(value) > MAX_HPARAM_BYTES:
+        yield key, value[:40], (f"{len(value):,} long, above the {MAX_HPARAM_BYTES:,} a "
+                                "hyperparameter may hold")
+    elif isinstance(value, str) and "${" in value:
+        yield key, value, ("an OmegaConf interpolation, which resolving would evaluate on this "
+                           "machine (resolvers can read the environment or run code); it is "
+                           "not resolved by default: pass the value yourself as a keyword "
+                           "argument, or resolve_hparams=True if you trust the file")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _problems(v, f"{key}.{k}", depth + 1)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for i, v in enumerate(value):
+            yield from _problems(v, f"{key}[{i}]", depth + 1)
+
+
+def hparams_from_file(ckpt: Mapping[str, Any], path: str, *, overridden: set[str] = frozenset(),
+                      resolve: bool = False) -> dict[str, Any]:
+    """A checkpoint's hyperparameters as constructor arguments, checked as untrusted input.
+
+    Nothing is resolved while checking (OmegaConf containers are read with
+    ``resolve=False``). A value holding an OmegaConf interpolation (``${...}``) is refused
+    unless ``resolve``; so is a string or bytes value longer than :data:`MAX_HPARAM_BYTES`.
+    Keys in ``overridden`` (given by the caller) are not read at all. Raises
+    :class:`CheckpointFieldError` naming the file and the key.
+    """
+    key = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
+    hparams = ckpt.get(key) or {}
+    if not isinstance(hparams, Mapping):
+        raise CheckpointFieldError(path, key, type(hparams).__name__,
+                                   "expected a mapping of constructor arguments")
+    raw = _raw(hparams)
+    for name in raw:
+        if name in overridden:
+            continue
+        for field, value, problem in _problems(raw[name], f"{key}.{name}"):
+            if resolve and problem.startswith("an OmegaConf interpolation"):
+                continue
+            raise CheckpointFieldError(path, field, value, problem)
+    return {k: v for k, v in dict(hparams).items() if k not in overridden}
+
+
+def _config_from_meta(meta: Mapping[str, Any], path: str) -> LoRAConfig:
+    """The checkpoint's ``LoRAConfig``; a bad value is refused naming the file and field."""
+    if "config" not in meta:
+        raise CheckpointFieldError(path, f"{META_KEY}.config", None,
+                                   "missing; pass config=LoRAConfig(...) with the settings the "
+                                   "checkpoint was trained with")
+    try:
+        return LoRAConfig.from_dict(meta["config"])
+    except ConfigError as err:
+        raise CheckpointFieldError(path, f"{META_KEY}.config.{err.field}", err.value,
+                                   f"refused by LoRAConfig ({err})") from err
 
 
 def load_lora_checkpoint(
@@ -38,6 +123,7 @@ def load_lora_checkpoint(
     strict: bool = True,
     call_setup: bool = False,
     trusted: bool = False,
+    resolve_hparams: bool = False,
     **init_kwargs: Any,
 ) -> M:
     """Build ``module_cls``, inject LoRA and load a checkpoint saved with ``LoRACallback``.
@@ -62,6 +148,11 @@ def load_lora_checkpoint(
         trusted: load both files with ``torch.load(weights_only=False)``, which runs
             whatever they pickle. Only for files you made or trust; by default a file
             that pickles more than tensors and plain data is refused (``UnsafeFileError``).
+        resolve_hparams: let the checkpoint's hyperparameters hold OmegaConf
+            interpolations (``${oc.env:...}``, or any resolver registered in this process),
+            resolved when the constructor reads them. Off by default: such a value is
+            refused with :class:`CheckpointFieldError` naming its key, because resolving
+            it runs on this machine whatever the file asks for.
         **init_kwargs: constructor arguments, overriding the checkpoint's hyperparameters.
 
     Returns:
@@ -69,18 +160,25 @@ def load_lora_checkpoint(
     """
     ckpt = read_checkpoint(checkpoint_path, map_location, trusted=trusted)
     meta = ckpt.get(META_KEY)
+    if meta is not None:
+        validate_meta(meta, str(checkpoint_path))
+    if not isinstance(ckpt.get("state_dict"), Mapping):
+        raise CheckpointFieldError(str(checkpoint_path), "state_dict",
+                                   type(ckpt.get("state_dict")).__name__,
+                                   "expected a mapping of tensors (is this a Lightning checkpoint?)")
     if config is None:
         if meta is None:
             raise CheckpointMismatchError(
                 f"load_lora_checkpoint: {str(checkpoint_path)!r} has no LoRA metadata; pass "
                 "config=LoRAConfig(...) with the settings it was trained with."
             )
-        config = LoRAConfig.from_dict(meta["config"])
+        config = _config_from_meta(meta, str(checkpoint_path))
     adapter = (meta or {}).get("adapter")
     if isinstance(module_cls, LightningModule):
         model, module_cls = module_cls, type(module_cls)
     else:
-        hparams = dict(ckpt.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+        hparams = hparams_from_file(ckpt, str(checkpoint_path), overridden=set(init_kwargs),
+                                    resolve=resolve_hparams)
         model = module_cls(**{**hparams, **init_kwargs})
         if call_setup:
             model.setup("predict")
