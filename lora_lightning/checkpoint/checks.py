@@ -8,11 +8,17 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from ..adapters import list_adapters
-from ..errors import AdapterLoadError, CheckpointMismatchError, StateDictMismatchError
+from ..errors import (
+    AdapterLoadError,
+    BaseWeightsInAdapterCheckpointError,
+    CheckpointMismatchError,
+    StateDictMismatchError,
+)
 from ..registry import find_config, lora_param_keys
 from .adapter_state import preview
 from .fingerprint import base_fingerprint
-from .meta import META_VERSION, adapter_layers
+from .meta import META_VERSION, adapter_layers, frozen_keys
+from .tensor_rules import tensor_problem
 
 
 def check_adapter_keys_present(
@@ -41,7 +47,10 @@ def check_state_dict_fits(
     """Check what a strict ``model.load_state_dict(state_dict)`` checks, without copying.
 
     ``load_state_dict`` copies every tensor that fits and only then raises, leaving the model
-    half-loaded. Calling this first makes a refused load leave the model as it was. Keys in
+    half-loaded; it also fails half-way on a meta, sparse or quantized tensor and drops a
+    complex one's imaginary part, so every tensor must pass
+    :func:`~lora_lightning.checkpoint.tensor_rules.tensor_problem` too. Calling this first
+    makes a refused load leave the model as it was. Keys in
     ``may_miss`` may be absent; with ``strict=False`` only shapes and types are checked.
     """
     targets = model.state_dict(keep_vars=True)
@@ -57,8 +66,9 @@ def check_state_dict_fits(
         value, target = state_dict[key], targets[key]
         if isinstance(target, nn.parameter.UninitializedParameter):
             continue
-        if not isinstance(value, Tensor):
-            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        problem = tensor_problem(value, target)
+        if problem:
+            problems.append(f"{key!r} {problem}")
         elif value.shape != target.shape:
             problems.append(f"size mismatch for {key!r}: checkpoint has {tuple(value.shape)}, "
                             f"model has {tuple(target.shape)}")
@@ -121,3 +131,13 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
             f"{source} does not fit this LoRA model: " + "; ".join(problems)
             + ". Use the LoRAConfig and base model the checkpoint was trained with."
         )
+
+
+def check_no_base_weights(model: nn.Module, state_dict: Mapping[str, object],
+                          adapter: str | None = None, source: str = "checkpoint") -> None:
+    """Refuse an adapter-only checkpoint that carries the model's frozen base weights
+    (:class:`BaseWeightsInAdapterCheckpointError`): ``save_mode="adapter"`` strips them all,
+    so one found there was put in by hand, and would overwrite the base silently."""
+    carried = sorted(frozen_keys(model, adapter) & set(state_dict))
+    if carried:
+        raise BaseWeightsInAdapterCheckpointError(source, carried)
