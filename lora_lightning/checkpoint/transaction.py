@@ -20,6 +20,7 @@ Structure costs a few dictionary copies per module; nothing is cloned until ``ke
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -84,13 +85,19 @@ class Transaction:
                 self._registries[id(reg)] = (reg, _registry_state(reg))
 
     def keep(self, tensors: Iterable[Tensor]) -> None:
-        """Save the values of ``tensors`` (each once), which the load is about to write."""
-        if not self.values:
-            return
+        """Save the values of ``tensors`` (each once), which the load is about to write.
+
+        Inside nested transactions (``load_adapters`` runs one ``load_adapter`` per
+        folder, each its own transaction) the values are kept for every enclosing one too,
+        so an outer rollback undoes what an inner, committed, transaction wrote."""
+        enclosing = [tx for tx in _open() if tx.values]
         with torch.no_grad():
             for t in tensors:
-                if id(t) not in self._values:
-                    self._values[id(t)] = (t, t.detach().clone())
+                saved = None
+                for tx in enclosing:
+                    if id(t) not in tx._values:
+                        saved = t.detach().clone() if saved is None else saved
+                        tx._values[id(t)] = (t, saved)
 
     def restore(self) -> None:
         """Put the model back as it was when the transaction began."""
@@ -140,8 +147,21 @@ def model_transaction(model: nn.Module, values: bool = True) -> Iterator[Transac
     True
     """
     tx = Transaction(model, values)
+    _open().append(tx)
     try:
         yield tx
     except BaseException:
         tx.restore()
         raise
+    finally:
+        _open().remove(tx)
+
+
+_local = threading.local()
+
+
+def _open() -> list[Transaction]:
+    """The transactions open in this thread, outermost first."""
+    if not hasattr(_local, "open"):
+        _local.open = []
+    return _local.open
