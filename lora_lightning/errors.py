@@ -148,6 +148,23 @@ class CheckpointMismatchError(LoRAError, ValueError):
     """A checkpoint was made for another rank, target set or base model."""
 
 
+class CheckpointMetadataError(CheckpointMismatchError):
+    """A checkpoint's LoRA metadata is malformed: a field missing or of the wrong type.
+
+    Attributes:
+        source: the checkpoint.
+        field: the metadata field (``"ranks"``, ``"fingerprint.sha256"`` ...).
+        value: what it holds.
+    """
+
+    def __init__(self, source: str, field: str, value: Any, expected: str) -> None:
+        self.source, self.field, self.value = source, field, value
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"{source}: LoRA metadata field {field!r} is {shown}, expected "
+                         f"{expected}; the file was edited or damaged. Nothing was loaded.")
+
+
 class BaseWeightsInAdapterCheckpointError(CheckpointMismatchError):
     """An adapter-only checkpoint that carries base weights: loading it would overwrite
     the model's own base silently, so it is refused.

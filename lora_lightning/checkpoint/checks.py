@@ -11,13 +11,14 @@ from ..adapters import list_adapters
 from ..errors import (
     AdapterLoadError,
     BaseWeightsInAdapterCheckpointError,
+    CheckpointMetadataError,
     CheckpointMismatchError,
     StateDictMismatchError,
 )
 from ..registry import find_config, lora_param_keys
 from .adapter_state import preview
 from .fingerprint import base_fingerprint
-from .meta import META_VERSION, adapter_layers, frozen_keys
+from .meta import META_VERSION, SAVE_MODES, adapter_layers, frozen_keys
 from .tensor_rules import tensor_problem
 
 
@@ -79,16 +80,42 @@ def check_state_dict_fits(
         )
 
 
-def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
-    """Refuse a checkpoint made for another rank, target set or base model.
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    Raises :class:`CheckpointMismatchError` naming every difference found.
-    """
+
+_META_FIELDS = {  # field -> (check, what is expected), for version 1
+    "mode": (lambda v: v in SAVE_MODES, f"one of {list(SAVE_MODES)}"),
+    "adapter": (lambda v: v is None or isinstance(v, str), "an adapter name or null"),
+    "config": (lambda v: isinstance(v, Mapping), "a mapping of LoRAConfig fields"),
+    "injected": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                 "a list of module names"),
+    "ranks": (lambda v: isinstance(v, Mapping) and all(
+        isinstance(k, str) and _is_int(r) for k, r in v.items()), "module name -> rank"),
+    "fingerprint": (lambda v: isinstance(v, Mapping) and isinstance(v.get("sha256"), str)
+                    and _is_int(v.get("tensors")), "{'sha256': str, 'tensors': int}"),
+}
+
+
+def check_meta_format(meta: object, source: str = "checkpoint") -> None:
+    """Refuse LoRA metadata of another version, or with a field missing or of the wrong
+    type (:class:`CheckpointMetadataError`), before any of it is used."""
     if not isinstance(meta, Mapping) or meta.get("version") != META_VERSION:
         got = meta.get("version") if isinstance(meta, Mapping) else type(meta).__name__
         raise CheckpointMismatchError(
             f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
         )
+    for field, (ok, expected) in _META_FIELDS.items():
+        if field not in meta or not ok(meta[field]):
+            raise CheckpointMetadataError(source, field, meta.get(field), expected)
+
+
+def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for another rank, target set or base model.
+
+    Raises :class:`CheckpointMismatchError` naming every difference found.
+    """
+    check_meta_format(meta, source)
     adapter = meta.get("adapter")
     if adapter is not None and adapter not in list_adapters(model):
         raise CheckpointMismatchError(

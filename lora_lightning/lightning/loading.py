@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..checkpoint.checks import check_state_dict_fits
+from ..checkpoint.checks import check_meta_format, check_state_dict_fits
 from ..checkpoint.meta import META_KEY
 from ..checkpoint.restore import prepare_lora_state
 from ..checkpoint.transaction import Transaction, model_transaction
@@ -86,6 +86,7 @@ def load_lora_checkpoint(
                 f"load_lora_checkpoint: {str(checkpoint_path)!r} has no LoRA metadata; pass "
                 "config=LoRAConfig(...) with the settings it was trained with."
             )
+        check_meta_format(meta, str(checkpoint_path))
         config = LoRAConfig.from_dict(meta["config"])
     adapter = (meta or {}).get("adapter")
     instance = isinstance(module_cls, LightningModule)
