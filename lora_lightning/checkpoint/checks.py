@@ -106,6 +106,8 @@ def check_meta_format(meta: object, source: str = "checkpoint") -> None:
             f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
         )
     for field, (ok, expected) in _META_FIELDS.items():
+        if field == "adapter" and field not in meta:
+            continue  # files from before named adapters
         if field not in meta or not ok(meta[field]):
             raise CheckpointMetadataError(source, field, meta.get(field), expected)
 
