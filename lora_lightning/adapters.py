@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .errors import MergedLayersError, PerSampleError
+from .errors import MergedLayersError, PerSampleBatchError, PerSampleError
 from .layers import unblock_fast_paths
 from .registry import (
     REGISTRY_ATTR,
@@ -157,11 +157,13 @@ class _PerSampleHead(nn.Module):
     its own adapter's copy; samples of no group through ``fallback``."""
 
     def __init__(self, groups: list[tuple[nn.Module, Tensor]], fallback: nn.Module,
-                 rest: Tensor | None) -> None:
+                 rest: Tensor | None, name: str, size: int) -> None:
         super().__init__()
         self._groups, self._fallback, self._rest = groups, fallback, rest
+        self._name, self._size = name, size
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        _check_batch(x, self._size, self._name)
         parts = [(m, idx) for m, idx in self._groups]
         if self._rest is not None:
             parts.append((self._fallback, self._rest))
@@ -174,6 +176,23 @@ class _PerSampleHead(nn.Module):
         return out
 
 
+def _check_batch(x: object, size: int, name: str) -> None:
+    if isinstance(x, Tensor) and x.dim() and x.shape[0] != size:
+        raise PerSampleBatchError(size, x.shape[0], name)
+
+
+class _BatchCheck:
+    """A forward pre-hook: the layer's input must hold one sample per adapter name (a
+    shorter list would leave the rest with the base output, a longer one fail inside)."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        _check_batch(args[0] if args else next(iter(kwargs.values()), None), self.size,
+                     self.name)
+
+
 @contextmanager
 def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
                         ) -> Iterator[nn.Module]:
@@ -182,6 +201,8 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
 
     Layers must not be merged; a layer type that applies its adapter as a weight update
     (``nn.MultiheadAttention``) refuses with :class:`~lora_lightning.errors.PerSampleError`.
+    A batch whose size is not ``len(adapter_names)`` is refused at the first adapted layer
+    (:class:`~lora_lightning.errors.PerSampleBatchError`, naming both).
     """
     names = list(adapter_names)
     for n in {n for n in names if n is not BASE}:
@@ -208,12 +229,17 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
         fallback = reg.pristine.get(head, current)
         installed[head] = current
         rest_idx = torch.tensor(rest, device=device) if rest else None
-        _swap(model, head, _PerSampleHead(owned, fallback, rest_idx))
-    for layer in layers.values():
+        _swap(model, head, _PerSampleHead(owned, fallback, rest_idx, head, len(names)))
+    checks = []
+    for name, layer in layers.items():
         layer.lora_groups = [(n, idx) for n, idx in groups.items() if n in layer.lora_specs]
+        checks.append(layer.register_forward_pre_hook(_BatchCheck(name, len(names)),
+                                                      with_kwargs=True))
     try:
         yield model
     finally:
+        for handle in checks:
+            handle.remove()
         for layer in layers.values():
             layer.lora_groups = None
         for head, module in installed.items():

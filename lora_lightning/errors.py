@@ -92,8 +92,80 @@ class StateDictMismatchError(AdapterLoadError, RuntimeError):
     """
 
 
+class AdapterTensorError(AdapterLoadError):
+    """An adapter tensor that must not be loaded: not a dense float tensor of an adapter
+    dtype, or holding NaN or infinite values.
+
+    Attributes:
+        source: the file (or ``"state_dict"``) it comes from.
+        key: its state-dict key.
+        reason: what is wrong with it, worded to follow "tensor <key>".
+    """
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source, self.key, self.reason = source, key, reason
+        super().__init__(f"{source}: tensor {key!r} {reason}. Nothing was loaded; the model "
+                         "is unchanged.")
+
+
+class RankTooLargeError(ConfigError):
+    """A rank above both sizes of the layer it adapts and above the ranks always allowed
+    (``inject.RANK_ALWAYS_ALLOWED``); a rank above the smaller size only is allowed with a
+    warning, as PEFT allows it. Above both, a file could make us allocate any amount of
+    memory for nothing.
+
+    Attributes:
+        layer: the module's qualified name.
+        limit: the largest rank allowed there.
+    """
+
+    def __init__(self, layer: str, r: int, limit: int) -> None:
+        self.layer, self.limit = layer, limit
+        super().__init__("r", r, (
+            f"{layer!r} gets rank {r}, larger than the layer allows (at most {limit}: the "
+            "larger of its input and output sizes, or 64 on a small layer; a rank above the "
+            "smaller size already adds nothing); refused before anything was allocated"))
+
+
+class PerSampleBatchError(LoRAError, ValueError):
+    """``per_sample_adapters`` got a list of adapter names whose length is not the batch's.
+
+    Attributes:
+        names: how many adapter names were given.
+        batch: the batch size the layer received.
+        layer: the layer that received it.
+    """
+
+    def __init__(self, names: int, batch: int, layer: str) -> None:
+        self.names, self.batch, self.layer = names, batch, layer
+        super().__init__(
+            f"per_sample_adapters: adapter_names has {names} entries but {layer!r} received "
+            f"a batch of {batch} samples; give one name (or None for the base model) per "
+            "sample, batch dimension first.")
+
+
 class CheckpointMismatchError(LoRAError, ValueError):
     """A checkpoint was made for another rank, target set or base model."""
+
+
+class BaseWeightsInAdapterCheckpointError(CheckpointMismatchError):
+    """An adapter-only checkpoint that carries base weights: loading it would overwrite
+    the model's own base silently, so it is refused.
+
+    Attributes:
+        source: the checkpoint.
+        keys: the base-weight keys it carries.
+    """
+
+    def __init__(self, source: str, keys: list[str]) -> None:
+        self.source, self.keys = source, list(keys)
+        shown = ", ".join(repr(k) for k in self.keys[:5]) + (
+            f" ... and {len(self.keys) - 5} more" if len(self.keys) > 5 else "")
+        super().__init__(
+            f"{source}: an adapter-only checkpoint (save_mode='adapter') carries base weights "
+            f"{shown}, which it never saves; loading them would overwrite this model's base "
+            "silently. Nothing was loaded. Load the base weights on their own (for example "
+            "base_checkpoint=), or remove them from the file.")
 
 
 class AdapterFileError(LoRAError, ValueError):
@@ -271,7 +343,9 @@ class CheckpointFieldError(CheckpointReadError):
         self.field, self.value = field, value
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        super().__init__(f"checkpoint {path!r}: field {field!r} is {shown}; {problem}.", path)
+        # ``path`` may already read "checkpoint '<file>'" (the Trainer's restore names it so)
+        where = path if str(path).startswith("checkpoint") else f"checkpoint {path!r}"
+        super().__init__(f"{where}: field {field!r} is {shown}; {problem}.", path)
 
 
 class FileAllocationError(CheckpointReadError):

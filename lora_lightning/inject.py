@@ -10,6 +10,8 @@ adapters are never reset.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,7 +19,12 @@ from torch import nn
 
 from .adapters import activate, assign_heads
 from .config import LoRAConfig
-from .errors import AdapterConflictError, ArgumentTypeError, MergedLayersError
+from .errors import (
+    AdapterConflictError,
+    ArgumentTypeError,
+    MergedLayersError,
+    RankTooLargeError,
+)
 from .layers import DEFAULT_ADAPTER, LoRALayer, block_fast_paths, variant_for
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, Skipped, plan_injection
@@ -87,6 +94,41 @@ def _freeze(model: nn.Module, plan: InjectionPlan, adapter: str) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
+def rank_limits(module: nn.Module, lora_class: type) -> tuple[int, int]:
+    """(input size, output size) of the update ``module`` gets as a ``lora_class``, from
+    its adapter shapes at rank 1: nothing is allocated."""
+    a_shape, b_shape = lora_class.lora_shapes(module, 1)
+    return math.prod(a_shape), b_shape[0]
+
+
+RANK_ALWAYS_ALLOWED = 64
+"""Ranks up to this are allowed on any layer (the usual choices; on a tiny layer they cost
+a few kilobytes): a model of 4-wide test layers keeps the default ``r=8``."""
+
+
+def check_rank(module: nn.Module, name: str, lora_class: type, r: int) -> None:
+    """The one rank rule, for ``inject_lora`` and every adapter file (checked before
+    anything is allocated).
+
+    A rank above the smaller of the layer's input and output sizes adds nothing a smaller
+    one could not, but PEFT allows it (its ``all-linear`` adapters give a 3-class head
+    rank 4 and more), so it is allowed with a warning naming the layer. A rank above both
+    sizes and above :data:`RANK_ALWAYS_ALLOWED` is refused
+    (:class:`~lora_lightning.errors.RankTooLargeError`): no adapter needs it, and from a
+    file it could make us allocate any amount of memory (``r = 2**24``).
+    """
+    n_in, n_out = rank_limits(module, lora_class)
+    limit = max(n_in, n_out, RANK_ALWAYS_ALLOWED)
+    if r > limit:
+        raise RankTooLargeError(name, r, limit)
+    if r > min(n_in, n_out):
+        warnings.warn(
+            f"LoRA rank {r} for {name!r} is larger than the layer's smaller size "
+            f"({min(n_in, n_out)}: input {n_in}, output {n_out}), so the update's rank is at "
+            f"most {min(n_in, n_out)} and the extra rank only costs memory; allowed, as PEFT "
+            "allows it.", UserWarning, stacklevel=3)
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER
                 ) -> InjectionReport:
     """Add the LoRA adapter ``adapter`` to ``model`` in place, make it the active one and
@@ -117,6 +159,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
             "delete_adapter(model, name) first to change it, or use another adapter name."
         )
     plan = plan_injection(model, config, adapter)
+    for name, planned in plan.new.items():
+        check_rank(model.get_submodule(name), name, planned.lora_class, planned.r)
     merged = [n for n in plan.new if isinstance(model.get_submodule(n), LoRALayer)
               and model.get_submodule(n).merged]
     if merged:

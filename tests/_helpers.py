@@ -76,3 +76,34 @@ def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.3, *,
     assert params, "randomize_adapters: no tensor selected"
     for p in params:
         p.add_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+
+
+# -- "a refused load leaves no trace" ----------------------------------------------------
+def snapshot_model(model: nn.Module) -> dict[str, object]:
+    """Everything a load may change, copied: every state-dict value (cloned), each
+    module's class, each parameter's ``requires_grad`` flag, and the adapters the model
+    holds and applies. Compare with :func:`assert_unchanged`."""
+    from lora_lightning import active_adapters, list_adapters
+
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "classes": {n: type(m) for n, m in model.named_modules()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "adapters": list_adapters(model),
+        "active": active_adapters(model),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
+    """``model`` is exactly as :func:`snapshot_model` saw it: the same keys and bit-exact
+    values (the same process, the same tensors: no tolerance), classes, flags, adapters."""
+    now = snapshot_model(model)
+    assert now["classes"] == before["classes"], "module classes changed"
+    assert now["adapters"] == before["adapters"], "the adapters held changed"
+    assert now["active"] == before["active"], "the active adapters changed"
+    assert now["flags"] == before["flags"], "requires_grad flags changed"
+    assert now["state"].keys() == before["state"].keys(), "state-dict keys changed"
+    changed = [k for k, v in now["state"].items()
+               if v.dtype != before["state"][k].dtype
+               or not torch.equal(v, before["state"][k])]
+    assert not changed, f"tensors changed: {changed}"

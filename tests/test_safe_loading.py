@@ -203,7 +203,9 @@ def _edit(directory, **fields):
     ({"lora_dropout": 1.5}, "lora_dropout", r"LoRAConfig\.dropout: got 1\.5"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights", r"'pissa'.*change the base weights"),
     ({"eva_config": {"rho": 2.0}}, "eva_config", r"a PEFT feature lora-lightning does not"),
-    ({"r": 9, "rank_pattern": {}}, "r", r"rank 9, larger than the layer allows \(at most 4"),
+    # a rank above both sizes of fc1 (4 -> 8) and above 64; above the smaller size only is
+    # allowed (with a warning), as in PEFT
+    ({"r": 65, "rank_pattern": {}}, "r", r"rank 65, larger than the layer allows \(at most 64"),
 ])
 def test_adapter_config_is_validated_field_by_field(tmp_path, fields, field, pattern):
     _, directory = _adapter(tmp_path)

@@ -304,3 +304,26 @@ def test_every_error_here_is_a_lora_error():
     for cls in (CheckpointFieldError, FileAllocationError, PatternError):
         assert issubclass(cls, LoRAError)
     assert issubclass(PatternError, ConfigError)
+
+
+@pytest.mark.parametrize("kind", ["deep", "digits"])
+def test_load_adapter_refuses_deep_json_and_huge_numbers_naming_the_file(tmp_path, kind):
+    """The bounded parser is what load_adapter reads adapter_config.json with."""
+    from _helpers import assert_unchanged, snapshot_model
+
+    from lora_lightning import load_adapter
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    if kind == "deep":
+        text = '{"r": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    else:
+        text = json.dumps({"r": 1, "lora_alpha": 16, "target_modules": ["0"]}).replace(
+            '"r": 1', '"r": ' + "9" * 5000)
+    (folder / "adapter_config.json").write_text(text)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = snapshot_model(model)
+    with pytest.raises(AdapterFileError, match="adapter_config.json") as info:
+        load_adapter(model, folder)
+    assert info.value.path.endswith("adapter_config.json")
+    assert_unchanged(model, before)

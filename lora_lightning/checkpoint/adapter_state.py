@@ -7,9 +7,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import AdapterLoadError, ArgumentTypeError, NoAdaptersError
+from ..errors import AdapterLoadError, AdapterTensorError, ArgumentTypeError, NoAdaptersError
 from ..inject import is_bias
 from ..registry import find_config, find_registry, known, lora_layers, lora_param_keys
+from .tensor_rules import tensor_problem
+from .transaction import model_transaction
 
 
 def adapter_keys(model: nn.Module, adapter: str | None = None) -> list[str]:
@@ -58,11 +60,16 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
-                            adapter: str | None = None) -> None:
+                            adapter: str | None = None, *, allow_nonfinite: bool = False,
+                            source: str | None = None) -> None:
     """Load an adapter state dict strictly: every key, no extras, matching shapes.
 
-    Everything is checked before any tensor is written, so a failed load leaves the model
-    exactly as it was. Merged layers are unmerged, updated and merged again.
+    Every tensor must be a dense float tensor (float32, float16, bfloat16 or the model's
+    own dtype for it) holding finite values; ``allow_nonfinite=True`` lets NaN and infinite
+    values through, for debugging. Everything is checked before any tensor is written, and
+    the load runs as one transaction, so a failed load leaves the model exactly as it was.
+    Merged layers are unmerged, updated and merged again. ``source`` names the file the
+    tensors come from, in errors.
     """
     if not isinstance(state_dict, Mapping):
         raise ArgumentTypeError("load_adapter_state_dict", "state_dict", state_dict,
@@ -92,19 +99,37 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
             )
     if problems:
         raise AdapterLoadError(
-            "load_adapter_state_dict: the adapter does not fit this model: "
+            f"load_adapter_state_dict{f' ({source})' if source else ''}: the adapter does not "
+            "fit this model: "
             + "; ".join(problems)
             + ". Inject with the same LoRAConfig (rank, targets, bias, modules_to_save) "
             "that produced the adapter."
         )
+    check_adapter_tensors(state_dict, targets, expected, source or "state_dict",
+                          allow_nonfinite)
     merged = {m: list(m.merged_adapters) for m in lora_layers(model).values() if m.merged}
-    for m in merged:
-        m.unmerge()
-    with torch.no_grad():
-        for key in expected:
-            targets[key].copy_(state_dict[key])
-    for m, names in merged.items():
-        m.merge(names)
+    with model_transaction(model) as tx:
+        tx.keep([targets[key] for key in expected] + [m.base_weight() for m in merged])
+        for m in merged:
+            m.unmerge()
+        with torch.no_grad():
+            for key in expected:
+                targets[key].copy_(state_dict[key])
+        for m, names in merged.items():
+            m.merge(names)
+
+
+def check_adapter_tensors(state_dict: Mapping[str, object], targets: Mapping[str, Tensor],
+                          keys: set[str], source: str, allow_nonfinite: bool = False) -> None:
+    """Refuse the first of ``keys`` in ``state_dict`` that is not a loadable adapter tensor
+    (see :mod:`~lora_lightning.checkpoint.tensor_rules`), naming ``source`` and the key."""
+    for key in sorted(keys & set(state_dict)):
+        if not isinstance(state_dict[key], Tensor):
+            continue  # reported with the keys and shapes
+        problem = tensor_problem(state_dict[key], targets.get(key), adapter=True,
+                                 allow_nonfinite=allow_nonfinite)
+        if problem:
+            raise AdapterTensorError(source, key, problem)
 
 
 def preview(keys: list[str], limit: int = 10) -> str:

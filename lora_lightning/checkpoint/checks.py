@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..adapters import list_adapters
 from ..errors import (
     AdapterLoadError,
+    BaseWeightsInAdapterCheckpointError,
     CheckpointFieldError,
     CheckpointMismatchError,
     StateDictMismatchError,
@@ -17,7 +18,8 @@ from ..errors import (
 from ..registry import find_config, lora_param_keys
 from .adapter_state import preview
 from .fingerprint import base_fingerprint
-from .meta import META_KEY, META_VERSION, SAVE_MODES, adapter_layers
+from .meta import META_KEY, META_VERSION, SAVE_MODES, adapter_layers, frozen_keys
+from .tensor_rules import tensor_problem
 
 
 def check_adapter_keys_present(
@@ -46,7 +48,10 @@ def check_state_dict_fits(
     """Check what a strict ``model.load_state_dict(state_dict)`` checks, without copying.
 
     ``load_state_dict`` copies every tensor that fits and only then raises, leaving the model
-    half-loaded. Calling this first makes a refused load leave the model as it was. Keys in
+    half-loaded; it also fails half-way on a meta, sparse or quantized tensor and drops a
+    complex one's imaginary part, so every tensor must pass
+    :func:`~lora_lightning.checkpoint.tensor_rules.tensor_problem` too. Calling this first
+    makes a refused load leave the model as it was. Keys in
     ``may_miss`` may be absent; with ``strict=False`` only shapes and types are checked.
     """
     targets = model.state_dict(keep_vars=True)
@@ -62,8 +67,9 @@ def check_state_dict_fits(
         value, target = state_dict[key], targets[key]
         if isinstance(target, nn.parameter.UninitializedParameter):
             continue
-        if not isinstance(value, Tensor):
-            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        problem = tensor_problem(value, target)
+        if problem:
+            problems.append(f"{key!r} {problem}")
         elif value.shape != target.shape:
             problems.append(f"size mismatch for {key!r}: checkpoint has {tuple(value.shape)}, "
                             f"model has {tuple(target.shape)}")
@@ -109,7 +115,12 @@ def validate_meta(meta: object, source: str = "checkpoint") -> None:
             f"{source}: LoRA metadata version {got!r} is not supported; expected {META_VERSION}."
         )
     for key in ("mode", "adapter", "config", "injected", "ranks", "fingerprint"):
-        problem = _meta_field_problem(key, meta[key]) if key in meta else None
+        if key not in meta:
+            if key == "adapter":
+                continue  # files from before named adapters have none
+            raise CheckpointFieldError(source, f"{META_KEY}.{key}", None,
+                                       "missing; the file was edited or damaged")
+        problem = _meta_field_problem(key, meta[key])
         if problem:
             raise CheckpointFieldError(source, f"{META_KEY}.{key}", meta.get(key), problem)
 
@@ -163,3 +174,13 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
             f"{source} does not fit this LoRA model: " + "; ".join(problems)
             + ". Use the LoRAConfig and base model the checkpoint was trained with."
         )
+
+
+def check_no_base_weights(model: nn.Module, state_dict: Mapping[str, object],
+                          adapter: str | None = None, source: str = "checkpoint") -> None:
+    """Refuse an adapter-only checkpoint that carries the model's frozen base weights
+    (:class:`BaseWeightsInAdapterCheckpointError`): ``save_mode="adapter"`` strips them all,
+    so one found there was put in by hand, and would overwrite the base silently."""
+    carried = sorted(frozen_keys(model, adapter) & set(state_dict))
+    if carried:
+        raise BaseWeightsInAdapterCheckpointError(source, carried)

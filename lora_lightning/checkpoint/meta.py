@@ -27,6 +27,11 @@ def _classify_keys(model: nn.Module, adapter: str | None = None) -> tuple[set[st
     return trained, frozen
 
 
+def frozen_keys(model: nn.Module, adapter: str | None = None) -> set[str]:
+    """The frozen base parameters' keys: what an adapter-only checkpoint leaves out."""
+    return _classify_keys(model, adapter)[1]
+
+
 def checkpoint_meta(model: nn.Module, config, mode: str, adapter: str | None = None
                     ) -> dict[str, object]:
     """Metadata stored beside a LoRA training checkpoint's state dict (of one named

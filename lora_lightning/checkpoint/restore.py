@@ -4,8 +4,9 @@ Both the Trainer path (the module hook ``LoRACallback`` installs) and
 ``load_lora_checkpoint`` call these before the strict ``load_state_dict``:
 
 * a LoRA checkpoint: check its metadata (rank, targets, base fingerprint) → check that it
-  holds every adapter tensor → refill the frozen base weights an adapter-only checkpoint
-  left out → check that keys and shapes fit;
+  holds every adapter tensor → refuse base weights in an adapter-only checkpoint, then
+  refill them from the model → check that keys, shapes and tensor kinds fit → check the
+  adapter tensors' dtypes and values (finite);
 * a checkpoint without LoRA (a base model): check that it fits, letting exactly the
   adapter keys be missing (they keep their fresh initialisation).
 
@@ -19,20 +20,30 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from ..registry import lora_param_keys
-from .checks import check_adapter_keys_present, check_meta, check_state_dict_fits
+from .adapter_state import adapter_keys, check_adapter_tensors
+from .checks import (
+    check_adapter_keys_present,
+    check_meta,
+    check_no_base_weights,
+    check_state_dict_fits,
+)
 from .meta import fill_base_keys
 
 
 def prepare_lora_state(model: nn.Module, meta: Mapping, state_dict: dict[str, Tensor], *,
-                       source: str, strict: bool = True, check_fit: bool = True) -> None:
+                       source: str, strict: bool = True, check_fit: bool = True,
+                       allow_nonfinite: bool = False) -> None:
     """Make a LoRA checkpoint's ``state_dict`` ready for a strict load into ``model``."""
     adapter = meta.get("adapter")
     check_meta(model, meta, source=source)
     check_adapter_keys_present(model, state_dict, source=source, adapter=adapter)
     if meta.get("mode") == "adapter":
+        check_no_base_weights(model, state_dict, adapter, source=source)
         fill_base_keys(model, state_dict, adapter)
     if check_fit:
         check_state_dict_fits(model, state_dict, strict=strict, source=source)
+        check_adapter_tensors(state_dict, model.state_dict(keep_vars=True),
+                              set(adapter_keys(model, adapter)), source, allow_nonfinite)
 
 
 def prepare_base_state(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str,

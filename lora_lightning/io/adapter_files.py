@@ -16,13 +16,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..adapters import activate, delete_adapter
+from ..adapters import activate
 from ..checkpoint.adapter_state import adapter_keys, adapter_state_dict, load_adapter_state_dict
+from ..checkpoint.tensor_rules import tensor_problem
+from ..checkpoint.transaction import model_transaction
 from ..config import LoRAConfig
-from ..errors import AdapterFileError, AdapterLoadError, ArgumentError, NoAdaptersError
+from ..errors import (
+    AdapterFileError,
+    AdapterLoadError,
+    AdapterTensorError,
+    ArgumentError,
+    ConfigError,
+    NoAdaptersError,
+)
 from ..inject import inject_lora
 from ..layers.base import DEFAULT_ADAPTER, LoRALayer
-from ..merge import unload_lora
 from ..registry import (
     AdapterNameError,
     check_name,
@@ -34,7 +42,14 @@ from ..registry import (
     lora_param_keys,
 )
 from .atomic import write_files
-from .peft_format import CONFIG_NAME, from_peft_config, from_peft_keys, to_peft_config, to_peft_keys
+from .peft_format import (
+    CONFIG_NAME,
+    from_peft_config,
+    from_peft_keys,
+    parse_config_json,
+    to_peft_config,
+    to_peft_keys,
+)
 from .safe_load import READ_ERRORS, torch_load
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,9 +104,10 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
         raise AdapterFileError(f"{cfg_path}: missing; an adapter directory needs {CONFIG_NAME}.",
                                str(cfg_path))
     try:
-        data = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).", str(cfg_path)) from err
+        text = cfg_path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{cfg_path}: unreadable ({err}).", str(cfg_path)) from err
+    data = parse_config_json(text, str(cfg_path))  # bounded: size, depth, digits
     data.pop("lora_lightning", None) if isinstance(data, dict) else None
     config = from_peft_config(data, str(cfg_path))
     return config, from_peft_keys(_read_weights(directory, trusted), adapter)
@@ -144,6 +160,16 @@ def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
     base_keys = {f"{n}.{leaf}" for n, m in lora_layers(model).items()
                  for leaf, _ in m.named_parameters(recurse=False)} - trained
     found = {k: state.pop(k) for k in sorted(set(state) & base_keys)}
+    for key, value in found.items():
+        mine = params[key]
+        problem = tensor_problem(value, mine)
+        if problem:
+            raise AdapterTensorError(source, key, problem)
+        if rule == "apply" and value.shape != mine.shape:
+            raise AdapterLoadError(
+                f"{source}: base weight {key!r} in the adapter file has shape "
+                f"{tuple(value.shape)}, the model's has {tuple(mine.shape)}; resize the model "
+                "first. Nothing was loaded; the model is unchanged.")
     if rule == "check":
         for key, value in found.items():
             mine = params[key]
@@ -161,17 +187,26 @@ def _base_weights(model: nn.Module, state: dict[str, Tensor], rule: str,
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
                  base_weights: str = "check", *, trusted: bool = False,
-                 adapter: str | None = None, replace: bool = False) -> nn.Module:
+                 adapter: str | None = None, replace: bool = False,
+                 allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT-format adapter into ``model``, injecting LoRA first if needed.
 
     Without ``adapter``, a model that already carries adapters must match the file's
     layout (its values are replaced). With ``adapter="name"``, the file becomes that
     adapter: a new one is added beside the others (they stay as they are and stay active;
     switch with ``set_adapter``); a name the model already holds is refused unless
-    ``replace=True``, which loads the file's values into it. The base weights
-    are never touched. Nothing is written to the model unless the whole adapter fits. Base weights that PEFT saves beside
-    the adapter (embedding layers) are checked against the model's (``base_weights="check"``,
-    a difference is refused) or copied into it (``"apply"``).
+    ``replace=True``, which loads the file's values into it. Base weights that PEFT saves
+    beside the adapter (embedding layers) are checked against the model's
+    (``base_weights="check"``, a difference is refused) or copied into it (``"apply"``);
+    no other base weight is ever touched.
+
+    The load is all-or-nothing: the file is checked (config fields, ranks against the
+    layers before anything is allocated, keys, shapes, dtypes, finite values; NaN and
+    infinite values pass only with ``allow_nonfinite=True``) before the first change, and
+    if anything still fails the model is restored exactly (parameters, classes,
+    ``requires_grad`` flags, adapters). Refusals are :class:`AdapterFileError` (the file:
+    its path, and the config field at fault) or :class:`AdapterLoadError` (the adapter
+    does not fit the model).
     """
     if base_weights not in BASE_WEIGHT_RULES:
         raise ArgumentError("load_adapter", "base_weights", base_weights,
@@ -187,31 +222,33 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
             f"{directory} into it, or choose another name"))
     into_existing = exists or (
         adapter is None and any(isinstance(m, LoRALayer) for m in model.modules()))
-    if into_existing:
-        base = _base_weights(model, state, base_weights, source, adapter)
-        load_adapter_state_dict(model, state, adapter)
-        _copy_base(model, base)
-        return model
     flags = {id(p): p.requires_grad for p in model.parameters()}
     previous = list(reg.active) if reg is not None and reg.configs else None
-    inject_lora(model, config, name)
-    try:
-        _check_ranks_fit(model, name, str(Path(directory) / CONFIG_NAME))
+    with model_transaction(model) as tx:
+        if not into_existing:
+            _inject_from_file(model, config, name, str(Path(directory) / CONFIG_NAME))
         base = _base_weights(model, state, base_weights, source, adapter)
-        load_adapter_state_dict(model, state, adapter)
-        _copy_base(model, base)
-    except Exception:
-        if previous is None:
-            unload_lora(model, merge=False)  # leave the model as it was
-        else:
-            delete_adapter(model, name)
-            activate(model, previous)
-        _restore_flags(model, flags)
-        raise
-    if previous is not None:  # loading adds an adapter; it does not switch to it
-        activate(model, previous)
-        _restore_flags(model, flags)
+        load_adapter_state_dict(model, state, adapter, allow_nonfinite=allow_nonfinite,
+                                source=source)
+        params = dict(model.named_parameters())
+        tx.keep(params[key] for key in base)
+        with torch.no_grad():
+            for key, value in base.items():
+                params[key].copy_(value)
+        if not into_existing and previous is not None:
+            activate(model, previous)  # loading adds an adapter; it does not switch to it
+            _restore_flags(model, flags)
     return model
+
+
+def _inject_from_file(model: nn.Module, config: LoRAConfig, name: str, source: str) -> None:
+    """``inject_lora`` for a file's config: a config the model cannot take (a target it
+    lacks, a rank larger than a layer) is refused naming the file and the field."""
+    try:
+        inject_lora(model, config, name)
+    except ConfigError as err:
+        raise AdapterFileError(f"{source}: field {err.field!r} does not fit this model: {err}",
+                               source, err.field) from err
 
 
 def _restore_flags(model: nn.Module, flags: dict[int, bool]) -> None:
@@ -221,52 +258,51 @@ def _restore_flags(model: nn.Module, flags: dict[int, bool]) -> None:
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Save every adapter in PEFT's multi-adapter layout: ``default`` in ``directory``,
-    each other adapter in ``directory/<name>``. Returns the names saved."""
+    each other adapter in ``directory/<name>``. Returns the names saved.
+
+    A name too long for a folder name on that file system is refused before anything is
+    written."""
     names = list(find_registry(model).configs) if find_registry(model) else []
     if not names:
         raise NoAdaptersError("save_adapters", "adapters")
+    most = _name_max(Path(directory))
+    for name in names:
+        if name != DEFAULT_ADAPTER and len(name.encode()) > most:
+            raise AdapterNameError(name, names, (
+                f"save_adapters: adapter name of {len(name.encode())} bytes is longer than a "
+                f"folder name may be here ({most}); nothing was written. Rename it (load or "
+                "save it under a shorter name)"))
     for name in names:
         target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
         save_adapter(model, target, adapter=name)
     return names
 
 
+def _name_max(directory: Path) -> int:
+    """The longest file name the file system holding ``directory`` allows (255 if unknown)."""
+    probe = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    try:
+        return os.pathconf(probe, "PC_NAME_MAX") if probe is not None else 255
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
 def load_adapters(model: nn.Module, directory: str | os.PathLike, **kwargs) -> list[str]:
     """Load PEFT's multi-adapter layout (see :func:`save_adapters`): the adapter at the top
     as ``default``, each subfolder holding an ``adapter_config.json`` under its name.
-    Keyword arguments go to :func:`load_adapter`. Returns the names loaded."""
+    Keyword arguments go to :func:`load_adapter`. Returns the names loaded.
+
+    All-or-nothing: a refused subfolder leaves none of the set loaded (the model is
+    restored exactly, as by each :func:`load_adapter`)."""
     directory = Path(directory)
     found = ([(DEFAULT_ADAPTER, directory)] if (directory / CONFIG_NAME).is_file() else []) + [
         (sub.name, sub) for sub in sorted(directory.iterdir()) if (sub / CONFIG_NAME).is_file()]
     if not found:
         raise AdapterFileError(f"{directory}: no {CONFIG_NAME} at the top or in a subfolder; "
                                "not an adapter directory.", str(directory))
-    for name, path in found:
-        load_adapter(model, path, adapter=name, **kwargs)
+    for name, _ in found:
+        check_name(name)
+    with model_transaction(model):
+        for name, path in found:
+            load_adapter(model, path, adapter=name, **kwargs)
     return [n for n, _ in found]
-
-
-def _copy_base(model: nn.Module, base: dict[str, Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in base.items():
-            if value.shape != params[key].shape:
-                raise AdapterLoadError(
-                    f"base weight {key!r} in the adapter file has shape {tuple(value.shape)}, "
-                    f"the model's has {tuple(params[key].shape)}; resize the model first."
-                )
-            params[key].copy_(value)
-
-
-def _check_ranks_fit(model: nn.Module, adapter: str, source: str) -> None:
-    """Refuse a rank larger than the layer it adapts (``r`` > min(d, k) adds nothing)."""
-    for name, layer in lora_layers(model).items():
-        if adapter not in layer.lora_specs:
-            continue
-        a, b = layer._ab(adapter)
-        r, most = layer.lora_specs[adapter].r, min(a[0].numel(), b.shape[0])
-        if r > most:
-            raise AdapterFileError(
-                f"{source}: field 'r' (or a rank_pattern entry) gives {name!r} rank "
-                f"{r}, larger than the layer allows (at most {most}, the smaller of its "
-                "input and output sizes); use a rank <= that.", source, "r")

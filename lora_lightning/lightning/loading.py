@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..checkpoint.checks import validate_meta
+from ..checkpoint.checks import check_state_dict_fits, validate_meta
 from ..checkpoint.meta import META_KEY
 from ..checkpoint.restore import prepare_lora_state
+from ..checkpoint.transaction import Transaction, model_transaction
 from ..config import LoRAConfig
 from ..errors import (
     CheckpointFieldError,
@@ -30,6 +31,7 @@ from ..inject import inject_lora
 from ..io.safe_load import read_checkpoint
 from ..layers.base import DEFAULT_ADAPTER
 from ..merge import merge_lora
+from ..registry import lora_layers, lora_param_keys
 
 __all__ = ["CheckpointReadError", "load_lora_checkpoint", "read_checkpoint"]
 
@@ -124,6 +126,7 @@ def load_lora_checkpoint(
     call_setup: bool = False,
     trusted: bool = False,
     resolve_hparams: bool = False,
+    allow_nonfinite: bool = False,
     **init_kwargs: Any,
 ) -> M:
     """Build ``module_cls``, inject LoRA and load a checkpoint saved with ``LoRACallback``.
@@ -153,7 +156,14 @@ def load_lora_checkpoint(
             resolved when the constructor reads them. Off by default: such a value is
             refused with :class:`CheckpointFieldError` naming its key, because resolving
             it runs on this machine whatever the file asks for.
+        allow_nonfinite: load adapter tensors holding NaN or infinite values (refused by
+            default, :class:`~lora_lightning.errors.AdapterTensorError`), for debugging.
         **init_kwargs: constructor arguments, overriding the checkpoint's hyperparameters.
+
+    All-or-nothing: both files are checked (metadata, keys, shapes, tensor kinds and
+    dtypes, finite adapter values, no base weights in an adapter-only checkpoint) before
+    the first change, and if anything still fails, a module passed as an instance is
+    restored exactly (parameters, classes, ``requires_grad`` flags, adapters).
 
     Returns:
         The module in eval mode, on ``map_location``.
@@ -174,7 +184,8 @@ def load_lora_checkpoint(
             )
         config = _config_from_meta(meta, str(checkpoint_path))
     adapter = (meta or {}).get("adapter")
-    if isinstance(module_cls, LightningModule):
+    instance = isinstance(module_cls, LightningModule)
+    if instance:
         model, module_cls = module_cls, type(module_cls)
     else:
         hparams = hparams_from_file(ckpt, str(checkpoint_path), overridden=set(init_kwargs),
@@ -184,21 +195,42 @@ def load_lora_checkpoint(
             model.setup("predict")
         if is_overridden("configure_model", model):
             model.configure_model()
+    base_state = None
     if base_checkpoint is not None:
         base = read_checkpoint(base_checkpoint, map_location, trusted=trusted)
-        model.load_state_dict(base.get("state_dict", base), strict=strict)
-    try:
-        inject_lora(model, config, adapter or DEFAULT_ADAPTER)
-    except TargetMatchError as err:
-        if call_setup or not is_overridden("setup", model):
-            raise
-        raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
-            f"{err.allowed}. load_lora_checkpoint: {module_cls.__name__} overrides setup(); "
-            "if it builds its model there, pass call_setup=True")) from err
-    state = dict(ckpt["state_dict"])
-    if meta is not None:
-        prepare_lora_state(model, meta, state, source=str(checkpoint_path), strict=strict)
-    model.load_state_dict(state, strict=strict)
-    if merge:
-        merge_lora(model)
+        base_state = base.get("state_dict", base)
+    # A module built here is discarded if the load fails: only an instance needs its values
+    # kept for the rollback.
+    with model_transaction(model, values=instance) as tx:
+        if base_state is not None:
+            # an instance may carry adapters already: the base leaves them as they are
+            _load_checked(tx, model, base_state, strict, str(base_checkpoint),
+                          may_miss=lora_param_keys(model))
+        try:
+            inject_lora(model, config, adapter or DEFAULT_ADAPTER)
+        except TargetMatchError as err:
+            if call_setup or not is_overridden("setup", model):
+                raise
+            raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
+                f"{err.allowed}. load_lora_checkpoint: {module_cls.__name__} overrides setup(); "
+                "if it builds its model there, pass call_setup=True")) from err
+        state = dict(ckpt["state_dict"])
+        source = str(checkpoint_path)
+        if meta is not None:
+            prepare_lora_state(model, meta, state, source=source, strict=strict,
+                               allow_nonfinite=allow_nonfinite)
+        _load_checked(tx, model, state, strict, source)
+        if merge:
+            tx.keep(m.base_weight() for m in lora_layers(model).values())
+            merge_lora(model)
     return model.eval()
+
+
+def _load_checked(tx: Transaction, model: LightningModule, state: dict[str, Any],
+                  strict: bool, source: str, may_miss: set[str] = frozenset()) -> None:
+    """A strict ``load_state_dict`` that cannot fail half-way: checked first (keys, shapes,
+    tensor kinds), the tensors it writes kept for the rollback."""
+    check_state_dict_fits(model, state, strict=strict, may_miss=may_miss, source=source)
+    targets = model.state_dict(keep_vars=True)
+    tx.keep(targets[k] for k in state if k in targets)
+    model.load_state_dict(state, strict=strict)
