@@ -29,6 +29,7 @@ from .registry import (
     find_registry,
     known,
     lora_layers,
+    swap_module,
 )
 
 BASE = None
@@ -45,18 +46,6 @@ def active_adapters(model: nn.Module) -> list[str]:
     """The adapters the forward applies."""
     reg = find_registry(model)
     return list(reg.active) if reg else []
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    current = getattr(parent, child)
-    if current is module:
-        return
-    ref = next(current.parameters(), None)
-    if ref is not None:
-        module.to(ref.device)
-    setattr(parent, child, module)
 
 
 def _heads_for(reg: AdapterRegistry, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -87,7 +76,7 @@ def activate(model: nn.Module, names: Sequence[str]) -> None:
     for layer in layers.values():
         layer.lora_active = [n for n in names if n in layer.lora_specs]
     for head, module in heads.items():
-        _swap(model, head, module)
+        swap_module(model, head, module)
     reg.active = list(names)
 
 
@@ -143,7 +132,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     owned = reg.heads.pop(name, {})
     for head in owned:
         if head in reg.pristine and not any(head in h for h in reg.heads.values()):
-            _swap(model, head, reg.pristine.pop(head))
+            swap_module(model, head, reg.pristine.pop(head))
     if not reg.configs:
         unblock_fast_paths(model)
         for m in model.modules():
@@ -221,7 +210,10 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
     groups = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
               for n in used}
     installed: dict[str, nn.Module] = {}
-    for head in {h for a in used for h in reg.heads.get(a, {})}:
+    # Every head some adapter owns, not only the used adapters' ones: a sample marked None
+    # (or one whose adapter has no copy of a head) gets the head as it was before any
+    # adapter, also when no sample of the batch names an adapter (issue 22).
+    for head in sorted({h for heads in (reg.heads.values() if reg else ()) for h in heads}):
         current = model.get_submodule(head)
         owned = [(reg.heads[a][head], groups[a]) for a in used if head in reg.heads.get(a, {})]
         owners = {a for a in used if head in reg.heads.get(a, {})}
@@ -229,7 +221,7 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
         fallback = reg.pristine.get(head, current)
         installed[head] = current
         rest_idx = torch.tensor(rest, device=device) if rest else None
-        _swap(model, head, _PerSampleHead(owned, fallback, rest_idx, head, len(names)))
+        swap_module(model, head, _PerSampleHead(owned, fallback, rest_idx, head, len(names)))
     checks = []
     for name, layer in layers.items():
         layer.lora_groups = [(n, idx) for n, idx in groups.items() if n in layer.lora_specs]
@@ -243,4 +235,4 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
         for layer in layers.values():
             layer.lora_groups = None
         for head, module in installed.items():
-            _swap(model, head, module)
+            swap_module(model, head, module)

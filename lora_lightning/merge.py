@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import TiedWeightError
 from .layers import LoRALayer, unblock_fast_paths
-from .registry import REGISTRY_ATTR, lora_layers, lora_param_keys
+from .registry import REGISTRY_ATTR, find_registry, lora_layers, lora_param_keys, swap_module
 
 _UNTIE = ("Call merge_lora(model, untie=True) to give the adapted module its own copy of the "
           "weight first (the tied modules keep the base weight), or keep the adapter unmerged.")
@@ -130,18 +130,25 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block; adapters come back on exit.
 
     Merged layers are unmerged for the block and merged again after it. Modules in
-    ``modules_to_save`` have no separate base copy and keep their trained weights.
+    ``modules_to_save`` are replaced by their copies from before any adapter trained them,
+    so the block computes exactly the base model (issue 22).
     """
     layers: list[LoRALayer] = list(lora_layers(model).values())
+    reg = find_registry(model)
+    heads = {name: model.get_submodule(name) for name in (reg.pristine if reg else {})}
     remerge = [m for m in layers if m.merged]
     for m in remerge:
         m.unmerge()
     previous = [m.lora_disabled for m in layers]
     for m in layers:
         m.lora_disabled = True
+    for name in heads:
+        swap_module(model, name, reg.pristine[name])
     try:
         yield model
     finally:
+        for name, module in heads.items():
+            swap_module(model, name, module)
         for m, prev in zip(layers, previous, strict=True):
             m.lora_disabled = prev
         for m in remerge:

@@ -114,3 +114,16 @@ def lora_param_keys(model: nn.Module, adapter: str | None = None) -> set[str]:
         if adapter is None or adapter in layer.lora_specs
         for p in layer.adapter_param_names(adapter)
     }
+
+
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name`` in ``model`` (on the device of what it replaces)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    current = getattr(parent, child)
+    if current is module:
+        return
+    ref = next(current.parameters(), None)
+    if ref is not None:
+        module.to(ref.device)
+    setattr(parent, child, module)

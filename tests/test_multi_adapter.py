@@ -388,3 +388,34 @@ def test_an_adapter_injected_into_a_wrapper_saves_from_the_inner_model(tmp_path)
     assert data["target_modules"] == "fc1|fc2"
     fresh = load_adapter(Net(), tmp_path / "inner")
     torch.testing.assert_close(fresh(X), wrapper.net(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["mixed", "all_none", "disabled"])
+def test_samples_without_an_adapter_get_the_base_model_heads_included(case):
+    """Issue 22: a sample marked None got the base head only when another sample named an
+    adapter; in an all-None batch, and under disable_adapters, it got the trained head."""
+    from lora_lightning import disable_adapters
+
+    model = Net()
+    inject_lora(model, LoRAConfig(r=2, target_modules=["fc1"], modules_to_save=["classifier"]))
+    randomize_adapters(model, 1)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # the head trained with the adapter
+    trained_head = model.classifier
+    base = Net()(X).detach()
+    adapted = model(X).detach()
+    names = {"mixed": ["default", None, "default", None, None, "default"],
+             "all_none": [None] * len(X), "disabled": [None] * len(X)}[case]
+    if case == "disabled":
+        with torch.no_grad(), disable_adapters(model):
+            out = model(X)
+    else:
+        with torch.no_grad(), per_sample_adapters(model, names):
+            out = model(X)
+    for i, name in enumerate(names):
+        want = base[i] if name is None else adapted[i]
+        assert_close_fp32(out[i], want)
+        if name is None:
+            assert not torch.allclose(out[i], adapted[i], atol=1e-3), i  # not the trained head
+    assert model.classifier is trained_head  # put back after the block
+    assert_close_fp32(model(X), adapted)
