@@ -105,7 +105,9 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
                                str(cfg_path))
     try:
         text = cfg_path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).", str(cfg_path)) from err
+    except OSError as err:
         raise AdapterFileError(f"{cfg_path}: unreadable ({err}).", str(cfg_path)) from err
     data = parse_config_json(text, str(cfg_path))  # bounded: size, depth, digits
     data.pop("lora_lightning", None) if isinstance(data, dict) else None
