@@ -31,6 +31,7 @@ from .config import ALL_LINEAR, LoRAConfig, entry_matches, name_matches, pattern
 from .errors import AdapterConflictError, TargetMatchError, UnsupportedModuleError
 from .layers import DEFAULT_ADAPTER, LoRALayer, lora_type_for, registered_type
 from .layers.base import type_name
+from .registry import canonical_name
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer")
 """Module names that ``"all-linear"`` treats as output heads (with their children)."""
@@ -98,10 +99,10 @@ def _check_entries(config: LoRAConfig, names: list[str]) -> None:
             continue
         if isinstance(spec, str):
             if field_name == "exclude_modules" and not any(
-                    name_matches(n, spec, field_name) for n in names):
+                    name_matches(canonical_name(n), spec, field_name) for n in names):
                 raise _no_match(field_name, spec, spec, names, "regex")
             continue
-        unmatched = [e for e in spec if not any(entry_matches(e, n) for n in names)]
+        unmatched = [e for e in spec if not any(entry_matches(e, canonical_name(n)) for n in names)]
         if field_name == "target_modules" and len(unmatched) == len(spec):
             continue  # nothing matches at all: the whole-field error lists the candidates
         if unmatched:
@@ -172,7 +173,7 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
     names = [n for n in modules if n]
     _check_entries(config, names)
     plan = InjectionPlan(config, adapter)
-    saved_all = {n for n in names if name_matches(n, config.modules_to_save, "modules_to_save")}
+    saved_all = {n for n in names if name_matches(canonical_name(n), config.modules_to_save, "modules_to_save")}
     plan.saved = sorted(n for n in saved_all if _inside(n.rpartition(".")[0], saved_all) is None)
     all_linear = config.target_modules == ALL_LINEAR
     heads = _heads(model, saved_all) if all_linear else set(saved_all)
@@ -186,10 +187,10 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
         if all_linear:
             if not _linear_like(name, module, parent):
                 continue
-        elif not name_matches(name, config.target_modules):
+        elif not name_matches(canonical_name(name), config.target_modules):
             continue
         kind = (module._lora_base_class if isinstance(module, LoRALayer) else type(module))
-        if name_matches(name, config.exclude_modules, "exclude_modules"):
+        if name_matches(canonical_name(name), config.exclude_modules, "exclude_modules"):
             plan.skipped.append(Skipped(name, kind.__name__, "matches exclude_modules"))
             continue
         head = _inside(name, heads)
@@ -223,12 +224,13 @@ def plan_injection(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
 
 
 def _planned(name: str, kind: type, cls: type, config: LoRAConfig) -> PlannedLayer:
-    r, alpha = config.rank_for(name), config.alpha_for(name)
+    r, alpha = config.rank_for(canonical_name(name)), config.alpha_for(canonical_name(name))
     return PlannedLayer(name, kind.__name__, cls, r, alpha, config.scaling_for(r, alpha))
 
 
 def _check_existing(name: str, module: LoRALayer, config: LoRAConfig, adapter: str) -> None:
-    want = (config.rank_for(name), config.alpha_for(name), config.use_dora)
+    want = (config.rank_for(canonical_name(name)), config.alpha_for(canonical_name(name)),
+            config.use_dora)
     spec = module.lora_specs[adapter]
     if (spec.r, spec.alpha, spec.use_dora) != want:
         raise AdapterConflictError(adapter, spec, config,
@@ -243,7 +245,7 @@ def _check_pattern_keys(config: LoRAConfig, names: list[str]) -> None:
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name)
         for key in patterns:
-            if not any(pattern_key_matches(key, n, field_name) for n in names):
+            if not any(pattern_key_matches(key, canonical_name(n), field_name) for n in names):
                 raise _no_match(field_name, patterns, key, names, "key")
 
 

@@ -106,14 +106,48 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+"""Name segments that wrappers add (activation checkpointing, FSDP, ``torch.compile``)."""
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without wrapper segments: the name in the plain, unwrapped model. Files hold
+    these, so a checkpoint of a wrapped model loads into a plain one and back."""
+    if not any(seg in name for seg in WRAPPER_SEGMENTS):
+        return name
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+def state_keys(model: nn.Module) -> dict[int, str]:
+    """id of each tensor -> its key in ``model.state_dict()``. Wrappers differ in what they
+    keep of their segments there (activation checkpointing drops its own, ``torch.compile``
+    keeps ``_orig_mod``), so keys are found by identity, not by name."""
+    return {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+
+
+def param_keys(model: nn.Module) -> dict[str, str]:
+    """``named_parameters`` name -> state-dict key, for every parameter in the state dict."""
+    by_id = state_keys(model)
+    return {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}
+
+
+def to_model_keys(model: nn.Module, keys) -> dict[str, str]:
+    """File key (canonical) -> this model's state-dict key, for the keys that have one."""
+    mine = {canonical_name(k): k for k in model.state_dict(keep_vars=True)}
+    return {k: mine.get(canonical_name(k), k) for k in keys}
+
+
 def lora_param_keys(model: nn.Module, adapter: str | None = None) -> set[str]:
     """State-dict keys of the adapter tensors (``lora_A``, ``lora_B``, ``lora_magnitude``)
     of one adapter, or of every adapter when ``adapter`` is ``None``."""
-    return {
-        f"{name}.{p}" for name, layer in lora_layers(model).items()
-        if adapter is None or adapter in layer.lora_specs
-        for p in layer.adapter_param_names(adapter)
-    }
+    by_id = state_keys(model)
+    out = set()
+    for name, layer in lora_layers(model).items():
+        if adapter is not None and adapter not in layer.lora_specs:
+            continue
+        for p in layer.adapter_param_names(adapter):
+            out.add(by_id.get(id(getattr(layer, p)), f"{name}.{p}"))
+    return out
 
 
 def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:

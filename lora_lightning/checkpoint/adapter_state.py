@@ -9,7 +9,15 @@ from torch import Tensor, nn
 
 from ..errors import AdapterLoadError, AdapterTensorError, ArgumentTypeError, NoAdaptersError
 from ..inject import is_bias
-from ..registry import find_config, find_registry, known, lora_layers, lora_param_keys
+from ..registry import (
+    find_config,
+    find_registry,
+    known,
+    lora_layers,
+    lora_param_keys,
+    param_keys,
+    state_keys,
+)
 from .tensor_rules import tensor_problem
 from .transaction import model_transaction
 
@@ -21,17 +29,20 @@ def adapter_keys(model: nn.Module, adapter: str | None = None) -> list[str]:
     trainable (biases, ``modules_to_save``). With a name: that adapter's tensors, its own
     ``modules_to_save`` copies (when in place) and the biases its config trains.
     """
+    names = param_keys(model)  # parameter name -> state-dict key (wrappers differ)
     if adapter is None:
         keys = lora_param_keys(model)
-        keys.update(n for n, p in model.named_parameters() if p.requires_grad)
+        keys.update(names.get(n, n) for n, p in model.named_parameters() if p.requires_grad)
         return sorted(keys)
     known(model, adapter)
     keys = lora_param_keys(model, adapter) | set(_head_tensors(model, adapter))
     config = find_config(model, adapter)
     if config.bias == "all":
-        keys.update(n for n, _ in model.named_parameters() if is_bias(n))
+        keys.update(names.get(n, n) for n, _ in model.named_parameters() if is_bias(n))
     elif config.bias == "lora_only":
-        keys.update(f"{name}.{m.bias_name}" for name, m in lora_layers(model).items()
+        by_id = state_keys(model)
+        keys.update(by_id.get(id(m._parameters[m.bias_name]), f"{name}.{m.bias_name}")
+                    for name, m in lora_layers(model).items()
                     if adapter in m.lora_specs and m._parameters.get(m.bias_name) is not None)
     return sorted(keys)
 

@@ -148,7 +148,7 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
             f"{preview(sorted(here - saved), 5)}"
         )
     ranks = meta.get("ranks", {})
-    diff = [f"{n}: checkpoint r={ranks[n]}, model r={layers[n]}"
+    diff = [f"{n}: checkpoint r={ranks.get(n)}, model r={layers[n]}"
             for n in sorted(saved & here) if ranks.get(n) != layers[n]]
     if diff:
         problems.append(f"different rank for {len(diff)} module(s) ({'; '.join(diff[:5])})")

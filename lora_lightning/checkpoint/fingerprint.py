@@ -7,6 +7,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..registry import canonical_name, param_keys
 from .adapter_state import adapter_keys
 
 
@@ -20,9 +21,12 @@ def base_fingerprint(model: nn.Module, adapter: str | None = None) -> dict[str, 
     excluded = set(adapter_keys(model, adapter))  # other adapters count as base here
     digest = hashlib.sha256()
     n = 0
-    for key, value in model.named_parameters():
+    names = param_keys(model)
+    for name, value in model.named_parameters():
+        key = names.get(name, name)
         if key in excluded:
             continue
+        key = canonical_name(key)  # a wrapped model and its plain form agree
         flat = value.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to(torch.float64).cpu()

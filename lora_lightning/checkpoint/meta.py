@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..registry import lora_layers
+from ..registry import canonical_name, lora_layers
 from .adapter_state import adapter_keys
 from .fingerprint import base_fingerprint
 
@@ -51,8 +51,9 @@ def checkpoint_meta(model: nn.Module, config, mode: str, adapter: str | None = N
 
 
 def adapter_layers(model: nn.Module, adapter: str | None) -> dict[str, int]:
-    """Layer name -> rank, of ``adapter`` (``None``: every LoRA layer, its active rank)."""
-    layers = lora_layers(model)
+    """Layer name (as in the plain model) -> rank, of ``adapter`` (``None``: every LoRA
+    layer, its active rank)."""
+    layers = {canonical_name(n): m for n, m in lora_layers(model).items()}
     if adapter is None:
         return {n: m.r for n, m in layers.items()}
     return {n: m.lora_specs[adapter].r for n, m in layers.items() if adapter in m.lora_specs}

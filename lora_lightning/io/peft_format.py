@@ -20,7 +20,7 @@ from ..config import LoRAConfig
 from ..errors import AdapterFileError, ConfigError
 from ..layers import ADAPTER_PARAM_NAMES, DEFAULT_ADAPTER, VARIANTS, LoRALayer
 from ..layers.base import param_names
-from ..registry import lora_layers
+from ..registry import canonical_name, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -70,12 +70,13 @@ def to_peft_keys(model: nn.Module, state_dict: dict[str, Tensor],
                  adapter: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
     """Our keys of ``adapter``'s tensors -> PEFT's file keys (which never name the adapter:
     each adapter has its own file). Each layer type says how PEFT names its tensors."""
-    layers = lora_layers(model)
+    layers = {canonical_name(n): m for n, m in lora_layers(model).items()}  # plain names
     companions = _companions(layers)
     a_name, b_name, _ = param_names(adapter)
     extra = _variant_leaves(adapter)
     out = {}
     for key, value in state_dict.items():
+        key = canonical_name(key)
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
         if owner in companions:  # PEFT wraps the parent, so the child sits under base_layer
@@ -163,7 +164,8 @@ def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
                    ) -> dict[str, Any]:
     """A PEFT ``LoraConfig`` dict naming exactly the modules that carry ``adapter`` (as a
     full-match regex, so that no other module with the same name suffix is adapted)."""
-    layers = {n: m for n, m in lora_layers(model).items() if adapter in m.lora_specs}
+    layers = {canonical_name(n): m for n, m in lora_layers(model).items()
+              if adapter in m.lora_specs}
     for name in _companions(layers):  # PEFT adapts it as part of its parent
         layers.pop(name, None)
     specs = {n: m.lora_specs[adapter] for n, m in layers.items()}

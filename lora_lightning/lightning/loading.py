@@ -31,7 +31,7 @@ from ..inject import inject_lora
 from ..io.safe_load import read_checkpoint
 from ..layers.base import DEFAULT_ADAPTER
 from ..merge import merge_lora
-from ..registry import lora_layers, lora_param_keys
+from ..registry import lora_layers, lora_param_keys, to_model_keys
 
 __all__ = ["CheckpointReadError", "load_lora_checkpoint", "read_checkpoint"]
 
@@ -214,7 +214,8 @@ def load_lora_checkpoint(
             raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
                 f"{err.allowed}. load_lora_checkpoint: {module_cls.__name__} overrides setup(); "
                 "if it builds its model there, pass call_setup=True")) from err
-        state = dict(ckpt["state_dict"])
+        keys = to_model_keys(model, ckpt["state_dict"])  # file keys -> this model's
+        state = {keys[k]: v for k, v in ckpt["state_dict"].items()}
         source = str(checkpoint_path)
         if meta is not None:
             prepare_lora_state(model, meta, state, source=source, strict=strict,

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from ..checkpoint.meta import META_KEY, checkpoint_meta, strip_to_adapter
 from ..checkpoint.restore import prepare_base_state, prepare_lora_state
 from ..config import LoRAConfig
+from ..registry import canonical_name, to_model_keys
 
 
 @dataclass
@@ -75,10 +76,16 @@ def save_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str
     if state.save_mode == "adapter":
         meta["dropped_keys"] = strip_to_adapter(pl_module, checkpoint["state_dict"],
                                                 state.adapter)
+    # Keys as in the plain model (no wrapper segments such as torch.compile's _orig_mod),
+    # so the file loads into an unwrapped model; load_hook maps them back.
+    checkpoint["state_dict"] = {canonical_name(k): v for k, v in checkpoint["state_dict"].items()}
     checkpoint[META_KEY] = meta
 
 
 def load_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    if isinstance(checkpoint.get("state_dict"), dict):  # file keys -> this model's keys
+        keys = to_model_keys(pl_module, checkpoint["state_dict"])
+        checkpoint["state_dict"] = {keys[k]: v for k, v in checkpoint["state_dict"].items()}
     if checkpoint.get(META_KEY) is None:
         load_base_checkpoint(state, pl_module, checkpoint)
     else:
