@@ -367,3 +367,28 @@ def test_gradients_equal_peft(case, targets, peft):
         assert ref.abs().max() > 0, f"{key}: the reference gradient is zero"
         scale = ref.abs().max().item()
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 * scale, msg=key)
+
+
+@pytest.mark.parametrize("name", ["roberta_cls", "vit_cls"])
+def test_peft_all_linear_adapters_with_a_rank_above_a_3_class_head_load_with_peft_outputs(
+        name, peft, tmp_path):
+    """Issue 18: PEFT's all-linear (which adapts the 3-class head too) at r=4 was refused
+    here ("rank 4, larger than the layer allows"); it loads, warns naming the head, and
+    gives PEFT's outputs."""
+    import warnings
+
+    case = next(c for c in CASES if c.name == name)
+    pm = peft.get_peft_model(base(case), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                         target_modules="all-linear"))
+    randomize_adapters(pm, 3)
+    pm.save_pretrained(str(tmp_path))
+    want = peft_output(pm, case)
+    model = base(case)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_adapter(model, tmp_path)
+    assert any("larger than the layer" in str(w.message) and "classifier" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
+    model.train(case.peft_train_mode)
+    assert_close_fp32(output(model, case), want)
+    assert_moved(want, output(base(case), case))
