@@ -10,12 +10,9 @@ The older core is extracted with ``git archive`` into a temporary folder and imp
 """
 import argparse
 import copy
-import gc
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +21,7 @@ from torch import nn
 import lora_lightning as new
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_multi import minilm  # noqa: E402
+from bench_multi import interleaved, minilm  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--old", default="93a084c", help="the commit to compare against")
@@ -45,24 +42,8 @@ print(f"this checkout vs {args.old}: torch {torch.__version__}, 1 thread, {args.
       "| measurement | new / old | new / base | old / base | max abs new-old |\n"
       "|---|---:|---:|---:|---:|")
 
-def interleaved(variants, rounds):
-    """Seconds per call of each variant, one call of each per round, the first rotating."""
-    names = list(variants)
-    for fn in variants.values():
-        fn()
-    times = {n: [] for n in names}
-    for i in range(rounds):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            gc.disable()
-            start = time.perf_counter()
-            variants[n]()
-            times[n].append(time.perf_counter() - start)
-            gc.enable()
-    return times
-
-
 def ratio(times, a, b):
-    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+    return times[1][(a, b)]  # bench_multi.interleaved: (medians, per-round ratio medians)
 
 
 def with_adapters(lib, base, n):

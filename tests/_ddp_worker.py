@@ -116,6 +116,12 @@ def main(out: str, devices: int, mode: str = "") -> None:
         },
         f"{out}.rank{trainer.global_rank}.pt",
     )
+    if torch.distributed.is_initialized():
+        # End the gloo group here, both ranks together: left to interpreter exit, its
+        # threads were once torn down mid-use ("terminate called without an active
+        # exception", SIGABRT) after a resumed run had finished.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
