@@ -47,6 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from lora_lightning.app.recorder import RunRecorder
+    from lora_lightning.app.report import lora_variant
 
     _full_rank_runs_baseline(cfg)
     _name_run_after_its_folder(cfg)
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "kind": str(lora.kind),
         "rank": int(lora.config.r) if lora.get("config") else None,
         "targets": _targets(lora),
+        "variant": lora_variant(lora.get("config")),  # DoRA, rsLoRA, LoRA+: in the run's label
         "seed": int(cfg.seed),
         "lr": lr_found if lr_found is not None else _lr(cfg),
         "lr_found": lr_found,
