@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,30 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lightning.app.data_info import describe_data, small_test_warning
-from lora_lightning.app.errors import AppError, check_ckpt_path, explain
+from lora_lightning.app.errors import AppError, check_ckpt_path, check_missing, explain
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 
 
+def main() -> None:
+    """The console script: the command line's keys and values checked, then the app.
+
+    A misspelt key or a value of the wrong type (``trainer.max_epochs=abc``) ends here
+    with one paragraph and exit status 1 (see :mod:`lora_lightning.app.command_line`).
+    """
+    from lora_lightning.app.command_line import override_problem
+
+    problem = override_problem(sys.argv[1:])
+    if problem is not None:
+        sys.stderr.write(f"{problem}\n")
+        raise SystemExit(1)
+    _app()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float | None:
     """Train one job; return its test accuracy (what a Hydra sweeper would optimise)."""
     return train(cfg).get("test_acc")
 
@@ -49,6 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lora_lightning.app.recorder import RunRecorder
     from lora_lightning.app.report import lora_variant
 
+    check_missing(cfg)
     _full_rank_runs_baseline(cfg)
     _name_run_after_its_folder(cfg)
     if cfg.get("num_threads"):
