@@ -5,7 +5,8 @@ One job, in this order::
     config (conf/train.yaml + overrides)
       -> lora callback   (first: a bad LoRA setting fails before any model loads)
       -> data, model, callbacks, loggers, Trainer   (each from its ``_target_``)
-      -> fit -> test the best checkpoint -> <output_dir>/result.json
+      -> fit (a run that ends at trainer.max_steps validates at its last step)
+      -> test the best checkpoint -> <output_dir>/result.json
 
 After a sweep (``-m``) the ``SweepReport`` Hydra callback reads every ``result.json``
 and writes ``sweep.csv``, ``sweep.md`` and ``sweep.png``.
@@ -62,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
+    from lora_lightning.app.last_step_validation import LastStepValidation
     from lora_lightning.app.recorder import RunRecorder
     from lora_lightning.app.report import lora_variant
 
@@ -86,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         str(cfg.run_name), str(lora.kind), {"lr": _lr(cfg), "run_seed": int(cfg.seed)}
     )
     callbacks.append(recorder)  # before the LoRA callback: its hparams record comes first
+    callbacks.append(LastStepValidation())  # a max_steps run validates (and checkpoints)
     if lora_callback is not None:
         callbacks.append(lora_callback)
     trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
