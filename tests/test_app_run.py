@@ -139,6 +139,12 @@ def test_console_script_help_lists_groups_and_launchers(tmp_path):
                  "experiment: digits, full_split, full_vs_lora, lm_lora, rank_sweep", "trainer: cpu, ddp, gpu",
                  "logger: csv, tensorboard", "hydra/launcher=parallel"):
         assert line in proc.stdout
+    # Your own model class: the one form README and docs/app.md show.
+    readme = (TESTS.parent / "README.md").read_text()
+    own = "'~model' +model._target_=my_pkg.MyModule +model.lr=1e-3"
+    assert own in proc.stdout
+    assert own.replace("my_pkg.MyModule", "my_project.models.MLPClassifier") in readme
+    assert "\nmodel._target_=" not in proc.stdout and " model._target_=" not in proc.stdout
 
 
 def test_own_module_and_data_through_target_overrides(tmp_path):
