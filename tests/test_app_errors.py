@@ -64,6 +64,17 @@ def test_a_missing_mandatory_value_names_the_key(tmp_path):
     assert "MissingMandatoryValue" not in proc.stderr
 
 
+def test_missing_values_are_found_without_resolving_interpolations():
+    from lora_lightning.app.errors import check_missing
+
+    cfg = OmegaConf.create({"data": {"train": "???", "root": "${hydra:runtime.cwd}"},
+                            "hydra": {"job": {"num": "???"}}, "tags": ["???"]})
+    with pytest.raises(AppError) as info:
+        check_missing(cfg)
+    assert str(info.value).startswith("data.train, tags[0]: required, but not given")
+    check_missing(OmegaConf.create({"a": "${hydra:job.num}", "hydra": {"job": {"id": "???"}}}))
+
+
 def test_a_key_not_in_the_config_names_it_and_its_neighbours(tmp_path):
     proc = run_app(tmp_path, "lora.config.dorpout=0.1")
     assert_one_paragraph(proc, "lora.config has no key 'dorpout'",

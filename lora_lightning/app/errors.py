@@ -89,10 +89,27 @@ def missing_values(keys: list[str]) -> AppError:
 
 
 def check_missing(cfg: DictConfig) -> None:
-    """Refuse a config with required values missing (``???``), naming every one."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    """Refuse a config with required values missing (``???``), naming every one.
+
+    Interpolations are not resolved (``${hydra:...}`` may be unset outside an app run),
+    and Hydra's own node (in a config composed with ``return_hydra_config``) is skipped.
+    """
+    missing: list[str] = []
+
+    def walk(node: object, key: str) -> None:
+        if node == "???":
+            missing.append(key)
+        elif isinstance(node, dict):
+            for name, value in node.items():
+                if key or name != "hydra":
+                    walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{key}[{index}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
     if missing:
-        raise missing_values(missing)
+        raise missing_values(sorted(missing))
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
