@@ -11,9 +11,10 @@ One job, in this order::
 After a sweep (``-m``) the ``SweepReport`` Hydra callback reads every ``result.json``
 and writes ``sweep.csv``, ``sweep.md`` and ``sweep.png``.
 
-Bad input (an unknown option, a missing package, ``lora.config.r=0``, a target that
-matches nothing) ends with a one-paragraph message and exit status 1, not a traceback;
-see :mod:`lora_lightning.app.errors`.
+Bad input (an unknown option, a misspelt key, a value of the wrong type, a required value
+not given, a missing package, ``lora.config.r=0``, a target that matches nothing) ends
+with a one-paragraph message and exit status 1, not a traceback; see
+:mod:`lora_lightning.app.command_line` and :mod:`lora_lightning.app.errors`.
 """
 
 from __future__ import annotations
