@@ -5,20 +5,23 @@ One job, in this order::
     config (conf/train.yaml + overrides)
       -> lora callback   (first: a bad LoRA setting fails before any model loads)
       -> data, model, callbacks, loggers, Trainer   (each from its ``_target_``)
-      -> fit -> test the best checkpoint -> <output_dir>/result.json
+      -> fit (a run that ends at trainer.max_steps validates at its last step)
+      -> test the best checkpoint -> <output_dir>/result.json
 
 After a sweep (``-m``) the ``SweepReport`` Hydra callback reads every ``result.json``
 and writes ``sweep.csv``, ``sweep.md`` and ``sweep.png``.
 
-Bad input (an unknown option, a missing package, ``lora.config.r=0``, a target that
-matches nothing) ends with a one-paragraph message and exit status 1, not a traceback;
-see :mod:`lora_lightning.app.errors`.
+Bad input (an unknown option, a misspelt key, a value of the wrong type, a required value
+not given, a missing package, ``lora.config.r=0``, a target that matches nothing) ends
+with a one-paragraph message and exit status 1, not a traceback; see
+:mod:`lora_lightning.app.command_line` and :mod:`lora_lightning.app.errors`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +30,30 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lightning.app.data_info import describe_data, small_test_warning
-from lora_lightning.app.errors import AppError, check_ckpt_path, explain
+from lora_lightning.app.errors import AppError, check_ckpt_path, check_missing, explain
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 
 
+def main() -> None:
+    """The console script: the command line's keys and values checked, then the app.
+
+    A misspelt key or a value of the wrong type (``trainer.max_epochs=abc``) ends here
+    with one paragraph and exit status 1 (see :mod:`lora_lightning.app.command_line`).
+    """
+    from lora_lightning.app.command_line import override_problem
+
+    problem = override_problem(sys.argv[1:])
+    if problem is not None:
+        sys.stderr.write(f"{problem}\n")
+        raise SystemExit(1)
+    _app()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float | None:
     """Train one job; return its test accuracy (what a Hydra sweeper would optimise)."""
     return train(cfg).get("test_acc")
 
@@ -46,8 +64,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
+    from lora_lightning.app.last_step_validation import LastStepValidation
     from lora_lightning.app.recorder import RunRecorder
+    from lora_lightning.app.report import lora_variant
 
+    check_missing(cfg)
     _full_rank_runs_baseline(cfg)
     _name_run_after_its_folder(cfg)
     if cfg.get("num_threads"):
@@ -68,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         str(cfg.run_name), str(lora.kind), {"lr": _lr(cfg), "run_seed": int(cfg.seed)}
     )
     callbacks.append(recorder)  # before the LoRA callback: its hparams record comes first
+    callbacks.append(LastStepValidation())  # a max_steps run validates (and checkpoints)
     if lora_callback is not None:
         callbacks.append(lora_callback)
     trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -106,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "kind": str(lora.kind),
         "rank": int(lora.config.r) if lora.get("config") else None,
         "targets": _targets(lora),
+        "variant": lora_variant(lora.get("config")),  # DoRA, rsLoRA, LoRA+: in the run's label
         "seed": int(cfg.seed),
         "lr": lr_found if lr_found is not None else _lr(cfg),
         "lr_found": lr_found,

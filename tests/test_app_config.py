@@ -147,6 +147,53 @@ def test_lora_overrides_reach_the_config(tmp_path):
     assert callback.config.target_modules == "all-linear"
 
 
+# One override per LoRAConfig field, each without a leading "+", and the value it builds.
+FIELD_OVERRIDES = {
+    "r": ("4", 4),
+    "alpha": ("32", 32.0),
+    "dropout": ("0.1", 0.1),
+    "target_modules": ("[query,key]", ["query", "key"]),
+    "exclude_modules": ("[value]", ["value"]),
+    "rank_pattern": ("{query: 4}", {"query": 4}),
+    "alpha_pattern": ("{query: 8}", {"query": 8}),
+    "use_rslora": ("true", True),
+    "init": ("gaussian", "gaussian"),
+    "bias": ("lora_only", "lora_only"),
+    "modules_to_save": ("[pooler]", ["pooler"]),
+    "use_dora": ("true", True),
+    "adapter_dtype": ("bfloat16", "bfloat16"),
+    "loraplus_lr_ratio": ("16", 16.0),
+}
+
+
+def test_every_lora_config_field_is_listed_in_the_packaged_config(tmp_path):
+    from dataclasses import fields
+
+    from lora_lightning import LoRAConfig
+
+    names = [f.name for f in fields(LoRAConfig)]
+    assert sorted(FIELD_OVERRIDES) == sorted(names)  # this test covers every field
+    with composed(tmp_path) as cfg:
+        assert list(cfg.lora.config) == names  # in the dataclass's order
+        built = instantiate(cfg.lora.callback).config
+    assert built.dropout == 0.05 and built.modules_to_save == ["classifier"]  # qv's own
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_OVERRIDES))
+@pytest.mark.parametrize("option", ["qv", "all_linear", "lm_qv"])
+def test_every_lora_config_field_is_set_without_a_plus(tmp_path, option, name):
+    text, value = FIELD_OVERRIDES[name]
+    with composed(tmp_path, f"lora={option}", f"lora.config.{name}={text}") as cfg:
+        callback = instantiate(cfg.lora.callback)
+    assert getattr(callback.config, name) == value
+
+
+@pytest.mark.parametrize("option", ["none", "head_only"])
+def test_options_without_a_lora_config_still_compose(tmp_path, option):
+    with composed(tmp_path, f"lora={option}") as cfg:
+        assert cfg.lora.config is None
+
+
 @pytest.mark.parametrize(
     ("option", "extra", "strategy"),
     [

@@ -58,6 +58,60 @@ def test_target_that_matches_nothing_lists_candidates(tmp_path):
     )
 
 
+def test_a_missing_mandatory_value_names_the_key(tmp_path):
+    proc = run_app(tmp_path, "data=text_files", "trainer.enable_progress_bar=false")
+    assert_one_paragraph(proc, "data.train: required, but not given", "data.train=<value>")
+    assert "MissingMandatoryValue" not in proc.stderr
+
+
+def test_missing_values_are_found_without_resolving_interpolations():
+    from lora_lightning.app.errors import check_missing
+
+    cfg = OmegaConf.create({"data": {"train": "???", "root": "${hydra:runtime.cwd}"},
+                            "hydra": {"job": {"num": "???"}}, "tags": ["???"]})
+    with pytest.raises(AppError) as info:
+        check_missing(cfg)
+    assert str(info.value).startswith("data.train, tags[0]: required, but not given")
+    check_missing(OmegaConf.create({"a": "${hydra:job.num}", "hydra": {"job": {"id": "???"}}}))
+
+
+def test_a_key_not_in_the_config_names_it_and_its_neighbours(tmp_path):
+    proc = run_app(tmp_path, "lora.config.dorpout=0.1")
+    assert_one_paragraph(proc, "lora.config has no key 'dorpout'",
+                         "Did you mean lora.config.dropout?", "+lora.config.dorpout=0.1")
+    assert "not in struct" not in proc.stderr
+
+
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(tmp_path):
+    proc = run_app(tmp_path, *FAST, "trainer.max_epochs=abc")
+    assert_one_paragraph(proc, "trainer.max_epochs=abc: `max_epochs` of "
+                         "lightning.pytorch.Trainer takes int or None, not 'abc'")
+
+
+@pytest.mark.parametrize("args", [
+    ["lora.config.use_dora=true", "lora.config.dropout=0.1"],
+    ["-m", "lora=all_linear", "lora.config.r=4,8,16", "hydra/launcher=parallel"],
+    ["-m", "experiment=rank_sweep", "seed=0,1,2"],
+    ["+trainer.precision=bf16-mixed"],  # a Literal of the Trainer's signature
+    ["trainer.devices=auto", "trainer.max_epochs=3", "model.lr=1e-4"],
+    ["~model", "+model._target_=my.Model", "+model.lr=1e-3", "run_name=mlp"],
+    ["--config-dir", "my_conf", "model=mlp", "model.nope=1"],  # Hydra's to check
+])
+def test_good_command_lines_pass_the_check(args):
+    from lora_lightning.app.command_line import override_problem
+
+    assert override_problem(args) is None
+
+
+def test_a_key_under_a_null_node_is_explained():
+    from lora_lightning.app.command_line import override_problem
+
+    problem = override_problem(["lora=none", "lora.config.r=4"])
+    assert "lora.config is None in this config, so it has no key 'r'" in str(problem)
+    problem = override_problem(["-m", "trainer.max_epochs=1,x"])
+    assert "not 'x' (str)" in str(problem)
+
+
 def test_missing_data_package_gives_the_install_command(tmp_path):
     # A stand-in `sklearn` that fails to import, first on the path: as if not installed.
     shadow = tmp_path / "shadow" / "sklearn"

@@ -109,6 +109,32 @@ def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
     assert report["png"].is_file()
 
 
+@pytest.mark.parametrize(("config", "label"), [
+    ({}, "LoRA query+value r=8"),
+    ({"use_dora": True}, "LoRA query+value r=8 DoRA"),
+    ({"use_rslora": True}, "LoRA query+value r=8 rsLoRA"),
+    ({"loraplus_lr_ratio": 16}, "LoRA query+value r=8 LoRA+ ratio=16"),
+    ({"use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 2.5},
+     "LoRA query+value r=8 DoRA rsLoRA LoRA+ ratio=2.5"),
+])
+def test_a_run_label_names_what_differs_from_plain_lora(config, label):
+    from lora_lightning.app.report import lora_variant
+
+    result = _result("lora_qv", "lora", 8, 0, 0.75, 74_498, 0)
+    result.update(targets="query,value", variant=lora_variant({"r": 8, **config}))
+    assert [g.label for g in group_results([result])] == [label]
+
+
+def test_a_rank_series_label_names_the_variant_too():
+    from lora_lightning.app.report import lora_variant
+
+    results = [_result(f"rank_{r}", "lora", r, 0, 0.7, 1000 * r, r) for r in (4, 8)]
+    for r in results:
+        r["variant"] = lora_variant({"use_dora": True})
+    assert [g.label for g in group_results(results)] == ["r=4 DoRA", "r=8 DoRA"]
+    assert lora_variant(None) == "" and lora_variant({"use_dora": False}) == ""
+
+
 def test_same_run_with_other_overrides_is_its_own_group_named_by_them(tmp_path):
     # full_split: LoRA trained for 2 and for 3 epochs, three seeds each, beside full FT.
     results, job = [], 0

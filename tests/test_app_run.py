@@ -93,6 +93,23 @@ def test_digits_run_writes_result_checkpoint_adapter_and_logs(tmp_path):
     assert program == "tensorboard" or Path(tmp_path, program).is_file(), curves
 
 
+def test_a_max_steps_run_validates_and_is_labelled_by_its_variant(tmp_path):
+    # Digits has ~40 training batches per epoch: 3 steps end mid-epoch, before the
+    # epoch's validation, yet the run validates once and tests its best checkpoint.
+    proc = run_app(tmp_path, "experiment=digits", "trainer.max_steps=3",
+                   "trainer.enable_progress_bar=false", "logger=csv",
+                   "lora.config.use_dora=true", "lora.config.loraplus_lr_ratio=4")
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["best_val_acc"] is not None
+    assert Path(result["checkpoint"]).is_file() and result["checkpoint_bytes"] > 0
+    assert result["variant"] == "DoRA LoRA+ ratio=4"
+    assert "LoRA conv1+conv2 r=8 DoRA LoRA+ ratio=4" in proc.stdout
+    metrics = (Path(result["log_dir"]) / "lora_conv" / "metrics.csv").read_text()
+    header, *rows = metrics.splitlines()
+    column = header.split(",").index("val/acc")
+    assert sum(1 for row in rows if row.split(",")[column]) == 1  # one validation
+
+
 def test_text_files_run_sizes_the_head_from_the_data(tmp_path):
     labels = ["bad", "good", "meh"]
     lines = ["text,label"] + [f"this film is {labels[i % 3]} number {i},{labels[i % 3]}"
@@ -122,6 +139,12 @@ def test_console_script_help_lists_groups_and_launchers(tmp_path):
                  "experiment: digits, full_split, full_vs_lora, lm_lora, rank_sweep", "trainer: cpu, ddp, gpu",
                  "logger: csv, tensorboard", "hydra/launcher=parallel"):
         assert line in proc.stdout
+    # Your own model class: the one form README and docs/app.md show.
+    readme = (TESTS.parent / "README.md").read_text()
+    own = "'~model' +model._target_=my_pkg.MyModule +model.lr=1e-3"
+    assert own in proc.stdout
+    assert own.replace("my_pkg.MyModule", "my_project.models.MLPClassifier") in readme
+    assert "\nmodel._target_=" not in proc.stdout and " model._target_=" not in proc.stdout
 
 
 def test_own_module_and_data_through_target_overrides(tmp_path):

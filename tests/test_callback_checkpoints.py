@@ -403,8 +403,9 @@ def test_load_lora_checkpoint_takes_base_weights_from_base_checkpoint(tmp_path):
     path = tmp_path / "lora.ckpt"
     t.save_checkpoint(path)
 
-    with pytest.raises(CheckpointMismatchError, match="different base model"):
+    with pytest.raises(CheckpointMismatchError, match="different base model") as info:
         load_lora_checkpoint(Mod, path)
+    assert "base_checkpoint=" in str(info.value)  # the fix, when the base came from elsewhere
     loaded = load_lora_checkpoint(Mod, path, base_checkpoint=base_path, seed=7)
     assert loaded.hparams.seed == 7
     module.eval()

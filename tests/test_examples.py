@@ -84,10 +84,38 @@ def test_split_rejects_bad_sizes(snippets, sizes, match):
 
 
 def test_split_reports_when_whole_movies_run_out():
-    # Two movies of 3 snippets: 4 train snippets take both movies, none is left for test.
+    # Two movies of 3 snippets: test (dealt first) takes one, 4 train snippets need both.
     few = [Snippet(f"{m}{i}", i % 2, m) for m in "ab" for i in range(3)]
-    with pytest.raises(ValueError, match="Whole movies ran out while filling `test_size`=1"):
+    with pytest.raises(ValueError, match="Whole movies ran out while filling `train_size`=4"):
         split_by_movie(few, 4, 0, 1)
+
+
+# SHA-256 (first 16 hex digits) of the demo's train, val and test texts (sizes of
+# data/rotten_tomatoes.yaml, seed 0), computed before the test split stopped depending on
+# train_size: the README's numbers come from this split.
+DEMO_DIGESTS = ["4f14dc2d19be7cd2", "2621ddca37285b1b", "73404dc566d5f813"]
+
+
+def test_the_test_split_never_depends_on_train_or_val_size(snippets):
+    tests = {sizes: split_by_movie(snippets, *sizes, seed=0)[2]
+             for sizes in ((1500, 300, 1000), (500, 300, 1000), (9000, 1000, 1000),
+                           (1500, 500, 1000), (0, 0, 1000))}
+    assert len({tuple(t) for t in tests.values()}) == 1
+    assert split_by_movie(snippets, 500, 300, 1000, seed=1)[2] != tests[(500, 300, 1000)]
+    train, val, test = split_by_movie(snippets, 9000, 1000, 2500, seed=0)  # full_split
+    movies = [{s.movie for s in part} for part in (train, val, test)]
+    assert not (movies[0] & movies[1] or movies[0] & movies[2] or movies[1] & movies[2])
+
+
+def test_the_demo_split_is_the_one_it_always_was(snippets):
+    import hashlib
+
+    parts = split_by_movie(snippets, 1500, 300, 1000, seed=0)
+    digests = [hashlib.sha256("\n".join(s.text for s in part).encode()).hexdigest()[:16]
+               for part in parts]
+    assert digests == DEMO_DIGESTS
+    test = parts[2]
+    assert sum(s.label for s in test) / len(test) == pytest.approx(0.578)
 
 
 @pytest.mark.parametrize("find", [rotten_tomatoes_path, hamlet_path])

@@ -19,5 +19,7 @@ def test_first_python_block_runs_as_written(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "MERGED ClassifierModule False" in proc.stdout
+    assert re.search(r"^predicted \[(\d, ){7}\d\] labels \[(\d, ){7}\d\]$", proc.stdout,
+                     re.MULTILINE), proc.stdout  # the inference call after loading runs
     assert (tmp_path / "ckpts" / "last.ckpt").is_file()
     assert "Restoring states from the checkpoint path" in proc.stderr + proc.stdout

@@ -1,6 +1,8 @@
 """The Hydra app's pieces: what ``lora_lightning.train`` builds around a Trainer.
 
 - :class:`HeadOnly`: a Lightning callback that trains only named modules (the floor).
+- :class:`LastStepValidation`: a Lightning callback that validates a run that ends at
+  ``trainer.max_steps`` mid-epoch, so it has a best checkpoint.
 - :class:`RunRecorder`: a Lightning callback that measures one run and logs the same
   ``lora/*`` tags and hparams for runs with and without LoRA.
 - :mod:`~lora_lightning.app.report`: sweep tables and plots from ``result.json`` files
@@ -15,6 +17,7 @@ app and ``lora_lightning.examples`` never import each other (``train`` joins the
 """
 
 from lora_lightning.app.head_only import HeadOnly
+from lora_lightning.app.last_step_validation import LastStepValidation
 from lora_lightning.app.recorder import RunRecorder
 
-__all__ = ["HeadOnly", "RunRecorder"]
+__all__ = ["HeadOnly", "LastStepValidation", "RunRecorder"]

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 
 from hydra.errors import CompactHydraException, InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from lora_lightning.app.head_only import HeadOnlyError
 from lora_lightning.errors import ConfigError
@@ -76,6 +78,40 @@ def _where(err: BaseException, key: str, target: str | None) -> tuple[str, str |
     return key, target
 
 
+def missing_values(keys: list[str]) -> AppError:
+    """The paragraph for config keys that are required (``???``) but were not given."""
+    them = "it" if len(keys) == 1 else "each"
+    return AppError(
+        f"{', '.join(keys)}: required, but not given (the config marks "
+        f"{'it' if len(keys) == 1 else 'them'} ???). Give {them} on the command line, e.g. "
+        f"`lora-lightning ... {' '.join(f'{k}=<value>' for k in keys)}`."
+    )
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Refuse a config with required values missing (``???``), naming every one.
+
+    Interpolations are not resolved (``${hydra:...}`` may be unset outside an app run),
+    and Hydra's own node (in a config composed with ``return_hydra_config``) is skipped.
+    """
+    missing: list[str] = []
+
+    def walk(node: object, key: str) -> None:
+        if node == "???":
+            missing.append(key)
+        elif isinstance(node, dict):
+            for name, value in node.items():
+                if key or name != "hydra":
+                    walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{key}[{index}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    if missing:
+        raise missing_values(sorted(missing))
+
+
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
@@ -132,6 +168,8 @@ def explain(err: BaseException, key: str, target: str | None = None,
         first = str(cause).strip()
         where = f"ckpt_path={str(ckpt_path)!r}" if ckpt_path else "the checkpoint"
         return AppError(f"{where} cannot be used: {first} To start afresh: ckpt_path=null.")
+    if isinstance(cause, MissingMandatoryValue) and cause.full_key:
+        return missing_values([cause.full_key])
     key, target = _where(err, key, target)
     what = f"{key} ({target})" if target else key
     if key == "fit":

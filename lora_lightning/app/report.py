@@ -18,14 +18,14 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 RESULT_FILE = "result.json"
 CSV_COLUMNS = (
-    "run", "kind", "rank", "seed", "targets", "lr", "trainable_params", "total_params",
+    "run", "kind", "rank", "seed", "targets", "variant", "lr", "trainable_params", "total_params",
     "trainable_ratio", "test_acc", "test_balanced_acc", "test_size", "test_majority_acc",
     "best_val_acc", "monitor", "fit_seconds", "samples_per_sec", "train_gflops_per_step",
     "peak_tensor_mb", "tensor_params_mb", "tensor_grads_mb", "tensor_optimizer_mb",
@@ -90,6 +90,25 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: (str(r.get("run_id", r["run"])), r.get("seed", 0)))
 
 
+def lora_variant(config: Mapping[str, Any] | None) -> str:
+    """What sets a LoRA config apart from plain LoRA, as its label says it ("" for none).
+
+    >>> lora_variant({"r": 8, "use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 16})
+    'DoRA rsLoRA LoRA+ ratio=16'
+    """
+    if not config:
+        return ""
+    parts = []
+    if config.get("use_dora"):
+        parts.append("DoRA")
+    if config.get("use_rslora"):
+        parts.append("rsLoRA")
+    ratio = config.get("loraplus_lr_ratio")
+    if ratio is not None:
+        parts.append(f"LoRA+ ratio={float(ratio):g}")
+    return " ".join(parts)
+
+
 def _config_key(result: dict[str, Any]) -> tuple:
     """Jobs with equal keys differ only in seed."""
     overrides = tuple(sorted(o for o in result.get("overrides", []) if not o.startswith("seed=")))
@@ -122,6 +141,8 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
             g.label = f"LoRA {targets.replace(',', '+')} r={g.rank}" if targets else g.run
         else:
             g.label = g.run
+        if g.kind == "lora" and g.runs[0].get("variant"):
+            g.label += f" {g.runs[0]['variant']}"
         namesakes = [set(_config_key(o.runs[0])[3]) for o in ordered if o.run == g.run]
         if len(namesakes) > 1:  # same run name: show the overrides that tell them apart
             own = set(_config_key(g.runs[0])[3])

@@ -125,6 +125,15 @@ def validate_meta(meta: object, source: str = "checkpoint") -> None:
             raise CheckpointFieldError(source, f"{META_KEY}.{key}", meta.get(key), problem)
 
 
+BASE_ELSEWHERE = (
+    " If the base weights did not come from the module's constructor (a random init saved "
+    "before training, or weights loaded after construction), pass them: "
+    "load_lora_checkpoint(..., base_checkpoint=<that state dict or checkpoint>), or load "
+    "them into the model before a Trainer resume."
+)
+"""The fix a "different base model" mismatch names: the base from elsewhere."""
+
+
 def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> None:
     """Refuse a checkpoint made for another rank, target set or base model.
 
@@ -173,6 +182,8 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
         raise CheckpointMismatchError(
             f"{source} does not fit this LoRA model: " + "; ".join(problems)
             + ". Use the LoRAConfig and base model the checkpoint was trained with."
+            + (BASE_ELSEWHERE if any(p.startswith("different base model") for p in problems)
+               else "")
         )
 
 

@@ -97,6 +97,28 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
+TEST_RESERVE = (1500, 300)
+"""Train and val sizes dealt (and sampled) ahead of the test split whatever the sizes
+asked for: the demo's, so its test split is the one it always had, and a run with
+``data.train_size=500`` is tested on the same snippets."""
+
+
+def _deal(movies: Iterator[str], by_movie: dict[str, list[Snippet]], name: str, size: int,
+          sizes: dict[str, int], total: int) -> list[Snippet]:
+    """Whole movies from ``movies`` until they hold at least ``size`` snippets."""
+    pool: list[Snippet] = []
+    while len(pool) < size:
+        movie = next(movies, None)
+        if movie is None:
+            raise ValueError(
+                f"Whole movies ran out while filling `{name}`={size} (sizes {sizes}, "
+                f"{total} snippets from {len(by_movie)} movies); ask for fewer "
+                "snippets so whole movies can fill each split."
+            )
+        pool.extend(by_movie[movie])
+    return pool
+
+
 def split_by_movie(
     snippets: Sequence[Snippet],
     train_size: int,
@@ -106,8 +128,12 @@ def split_by_movie(
 ) -> tuple[list[Snippet], list[Snippet], list[Snippet]]:
     """Split snippets into train/val/test of exactly the requested sizes, by movie.
 
-    Movies are shuffled with ``seed`` and dealt whole to train, then val, then test, until
-    each split holds at least its size; each split is then sampled down to its size. No
+    Movies are shuffled with ``seed``. The test split comes first and depends only on the
+    snippets, ``seed`` and ``test_size``, never on the train and val sizes: past the
+    movies a deal of :data:`TEST_RESERVE` snippets (train, then val) would take, whole
+    movies are dealt to test until it holds at least ``test_size``, then sampled down to
+    it (a corpus too small for the reserve deals test from its first movie). Train, then
+    val, are dealt from the other movies in shuffled order and sampled the same way. No
     movie appears in two splits, and the result depends only on the inputs and ``seed``.
 
     Raises:
@@ -131,22 +157,32 @@ def split_by_movie(
     rng = random.Random(seed)
     movies = sorted(by_movie)
     rng.shuffle(movies)
+    shuffled = rng.getstate()  # train/val and test each sample from here
 
+    # The reserve is dealt and sampled as a train and val split of TEST_RESERVE's sizes
+    # would be (same movies, same random draws), so test is the demo's test split.
+    test_rng = random.Random()
+    test_rng.setstate(shuffled)
     movie_iter = iter(movies)
-    splits: list[list[Snippet]] = []
-    for name, size in sizes.items():
-        pool: list[Snippet] = []
-        while len(pool) < size:
-            movie = next(movie_iter, None)
-            if movie is None:
-                raise ValueError(
-                    f"Whole movies ran out while filling `{name}`={size} (sizes {sizes}, "
-                    f"{len(snippets)} snippets from {len(by_movie)} movies); ask for fewer "
-                    "snippets so whole movies can fill each split."
-                )
-            pool.extend(by_movie[movie])
-        splits.append(rng.sample(pool, size))
-    train, val, test = splits
+    reserved: list[str] = []
+    if sum(TEST_RESERVE) + test_size <= len(snippets):
+        try:
+            for size in TEST_RESERVE:
+                pool = _deal(movie_iter, by_movie, "reserve", size, sizes, len(snippets))
+                test_rng.sample(pool, size)
+                reserved.extend(dict.fromkeys(s.movie for s in pool))
+        except ValueError:  # a corpus too small for the reserve: test comes first
+            movie_iter, reserved = iter(movies), []
+            test_rng.setstate(shuffled)
+    test_pool = _deal(movie_iter, by_movie, "test_size", test_size, sizes, len(snippets))
+    test = test_rng.sample(test_pool, test_size)
+
+    rng.setstate(shuffled)
+    rest = iter(reserved + list(movie_iter))
+    train = rng.sample(_deal(rest, by_movie, "train_size", train_size, sizes, len(snippets)),
+                       train_size)
+    val = rng.sample(_deal(rest, by_movie, "val_size", val_size, sizes, len(snippets)),
+                     val_size)
     return train, val, test
 
 
