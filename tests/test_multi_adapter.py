@@ -419,3 +419,32 @@ def test_samples_without_an_adapter_get_the_base_model_heads_included(case):
             assert not torch.allclose(out[i], adapted[i], atol=1e-3), i  # not the trained head
     assert model.classifier is trained_head  # put back after the block
     assert_close_fp32(model(X), adapted)
+
+
+def test_a_mixed_batch_of_ranks_trains_each_adapter_on_its_own_samples():
+    """The batched path (adapters stacked, ranks padded) gives each adapter the gradient of
+    its own samples only, as running each sub-batch alone with that adapter does."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        inject_lora(model, LoRAConfig(r=2, target_modules=["0", "2"]), adapter="a")
+        inject_lora(model, LoRAConfig(r=3, alpha=6, target_modules=["0", "2"]), adapter="b")
+        randomize_adapters(model, 4)
+        for p in model.parameters():
+            p.requires_grad_("lora_" in next(n for n, q in model.named_parameters() if q is p))
+        return model
+
+    x = torch.randn(5, 4, 6, generator=torch.Generator().manual_seed(5))
+    names = ["a", "b", None, "b", "a"]
+    mixed = build()
+    with per_sample_adapters(mixed, names):
+        mixed(x).square().sum().backward()
+    alone = build()
+    for adapter in ("a", "b"):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        set_adapter(alone, adapter)
+        alone(x[rows]).square().sum().backward()
+    for (name, p), q in zip(mixed.named_parameters(), alone.parameters(), strict=True):
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert_close_fp32(p.grad, q.grad)

@@ -64,6 +64,34 @@ class MatmulLoRA(LoRALayer):
         """The base op with bias on a 2-D input (a fresh tensor)."""
         raise NotImplementedError
 
+    def _per_sample(self, x: Tensor, result: Tensor) -> Tensor:
+        """A mixed batch in one gather and two batched matmuls, whatever the number of
+        adapters: each adapter's A and scaled B are stacked (ranks padded with zeros, slot 0
+        all zeros for samples with no adapter here), each sample picks its slot, and
+        ``torch.bmm`` applies them. Plain adapters only (DoRA, or dropout in training,
+        take the per-group path)."""
+        groups = [(n, idx) for n, idx in (self.lora_groups or ()) if n in self.lora_specs]
+        if (self.merged_adapters or self.lora_disabled or not groups or x.is_nested
+                or any(self.lora_specs[n].variant is not None for n, _ in groups)
+                or (self.training and any(self.lora_specs[n].dropout for n, _ in groups))):
+            return super()._per_sample(x, result)
+        rank = max(self.lora_specs[n].r for n, _ in groups)
+        slot = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        a_parts, b_parts = [], []
+        for k, (name, idx) in enumerate(groups, start=1):
+            a, b = self._ab(name)
+            pad = rank - a.shape[0]
+            a_parts.append(F.pad(a, (0, 0, 0, pad)).t())  # (in, rank)
+            b_parts.append(F.pad(b * self.lora_specs[name].scaling, (0, pad)).t())  # (rank, out)
+            slot[idx] = k
+        a_all = torch.stack([torch.zeros_like(a_parts[0]), *a_parts])  # (K + 1, in, rank)
+        b_all = torch.stack([torch.zeros_like(b_parts[0]), *b_parts])  # (K + 1, rank, out)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = x3 if x3.dtype == a_all.dtype else x3.to(a_all.dtype)
+        update = torch.bmm(torch.bmm(x3, a_all.index_select(0, slot)),
+                           b_all.index_select(0, slot))
+        return result + update.reshape(result.shape).to(result.dtype)
+
     def lora_forward(self, x, a, b):
         return F.linear(F.linear(x, a), b)
 
