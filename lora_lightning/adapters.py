@@ -7,8 +7,9 @@ so a refused switch leaves every layer as it was.
 
 :func:`per_sample_adapters` runs one forward pass in which each sample of the batch uses its
 own adapter (or none: exactly the base output), as for serving many users' adapters at
-once. Each layer groups the samples by adapter and adds each group's update with one
-``index_select``/``index_add``: a loop over the distinct adapters, never over samples.
+once. Each layer type decides how (``LoRALayer._per_sample``): matmul layers gather each
+sample's stacked adapter and apply all of them with two batched matmuls; the others group
+the samples by adapter, one ``index_select``/``index_add`` per adapter, never per sample.
 """
 
 from __future__ import annotations
