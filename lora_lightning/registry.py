@@ -8,7 +8,9 @@ task). Layers hold their own adapter tensors; this record holds what spans the m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -131,10 +133,12 @@ def param_keys(model: nn.Module) -> dict[str, str]:
     return {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}
 
 
-def to_model_keys(model: nn.Module, keys) -> dict[str, str]:
-    """File key (canonical) -> this model's state-dict key, for the keys that have one."""
+def to_model_keys(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` (a file's state dict, keyed by plain names) keyed as ``model.state_dict()``
+    is: each key that names one of the model's tensors under its wrapper segments, the
+    others unchanged."""
     mine = {canonical_name(k): k for k in model.state_dict(keep_vars=True)}
-    return {k: mine.get(canonical_name(k), k) for k in keys}
+    return {mine.get(canonical_name(k), k): v for k, v in state.items()}
 
 
 def lora_param_keys(model: nn.Module, adapter: str | None = None) -> set[str]:

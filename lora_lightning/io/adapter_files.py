@@ -230,8 +230,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     with model_transaction(model) as tx:
         if not into_existing:
             _inject_from_file(model, config, name, str(Path(directory) / CONFIG_NAME))
-        keys = to_model_keys(model, state)  # plain names in the file -> this model's keys
-        state = {keys[k]: v for k, v in state.items()}
+        state = to_model_keys(model, state)  # plain names in the file -> this model's keys
         base = _base_weights(model, state, base_weights, source, adapter)
         load_adapter_state_dict(model, state, adapter, allow_nonfinite=allow_nonfinite,
                                 source=source)

@@ -214,8 +214,7 @@ def load_lora_checkpoint(
             raise TargetMatchError(err.field, err.value, err.entry, err.candidates, (
                 f"{err.allowed}. load_lora_checkpoint: {module_cls.__name__} overrides setup(); "
                 "if it builds its model there, pass call_setup=True")) from err
-        keys = to_model_keys(model, ckpt["state_dict"])  # file keys -> this model's
-        state = {keys[k]: v for k, v in ckpt["state_dict"].items()}
+        state = to_model_keys(model, ckpt["state_dict"])  # file keys -> this model's
         source = str(checkpoint_path)
         if meta is not None:
             prepare_lora_state(model, meta, state, source=source, strict=strict,

@@ -84,8 +84,7 @@ def save_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str
 
 def load_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
     if isinstance(checkpoint.get("state_dict"), dict):  # file keys -> this model's keys
-        keys = to_model_keys(pl_module, checkpoint["state_dict"])
-        checkpoint["state_dict"] = {keys[k]: v for k, v in checkpoint["state_dict"].items()}
+        checkpoint["state_dict"] = to_model_keys(pl_module, checkpoint["state_dict"])
     if checkpoint.get(META_KEY) is None:
         load_base_checkpoint(state, pl_module, checkpoint)
     else:
