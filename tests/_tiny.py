@@ -17,3 +17,19 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class TinyTraining:
+    """The LightningModule body that the load tests' modules share (they differ in sizes
+    and hooks): ``fc1 -> fc2 -> head``, a cross-entropy step, SGD (lr 0.1) over the tensors
+    that require grad. Mix in before ``LightningModule``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)

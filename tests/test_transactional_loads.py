@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from _helpers import assert_close_fp32, assert_unchanged, randomize_adapters, snapshot_model
+from _tiny import TinyTraining
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -51,7 +52,7 @@ CONFIG = LoRAConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["head"]
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
 
 
-class Module(L.LightningModule):
+class Module(TinyTraining, L.LightningModule):
     def __init__(self, seed: int = 0, classes: int = 2) -> None:
         super().__init__()
         torch.manual_seed(seed)  # the same base weights for the same seed
@@ -59,16 +60,6 @@ class Module(L.LightningModule):
         self.fc2 = nn.Linear(8, 8)
         self.head = nn.Linear(8, classes)
         self.snapshot = None
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-    def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
     def on_load_checkpoint(self, checkpoint):
         # runs just before LoRA's load hook and the Trainer's strict load_state_dict

@@ -11,6 +11,7 @@ import time
 import lightning as L
 import pytest
 import torch
+from _tiny import TinyTraining
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from torch import nn
@@ -39,22 +40,12 @@ CONFIG = {"r": 2, "target_modules": ["fc1", "fc2"], "modules_to_save": ["head"]}
 LONG = "encoder.layer_with_a_long_name.fc_xy"  # 36 characters, as in the issue
 
 
-class Module(L.LightningModule):
+class Module(TinyTraining, L.LightningModule):
     def __init__(self, width: int = 8, net_cfg=None) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)
         self.fc1, self.fc2, self.head = nn.Linear(4, width), nn.Linear(width, 8), nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-    def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
 
 class Reduce:
