@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - a declared dependency; Python's re wit
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
 INIT_MODES = ("kaiming", "gaussian")
+QUANTIZE_KINDS = ("nf4", "fp4", "int8")
+"""bitsandbytes' kinds of frozen base: 4-bit NormalFloat, 4-bit float, 8-bit (LLM.int8())."""
 ALL_LINEAR = "all-linear"
 MAX_RANK = 2**24
 """No layer is wider; a larger rank could not even be turned into a float scale."""
@@ -230,6 +232,12 @@ class LoRAConfig:
     the paper). Applied by :func:`~lora_lightning.optim.lora_param_groups`, which an
     optimizer must be built from; ``None``: one learning rate for every tensor."""
 
+    quantize_base: str | None = None
+    """QLoRA: at injection, store the frozen weight of every adapted ``nn.Linear`` in
+    bitsandbytes' ``"nf4"`` (4-bit NormalFloat, double quantization), ``"fp4"`` or
+    ``"int8"`` (``pip install 'lora-lightning[qlora]'``); the base computes in its own dtype,
+    adapters stay float32. ``None`` (default): the base stays as it is."""
+
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int):
             _fail("r", self.r, "expected an integer >= 1", TypeError)
@@ -275,6 +283,10 @@ class LoRAConfig:
                 _fail("loraplus_lr_ratio", ratio,
                       "expected a finite number > 0 (LoRA+ uses 2 to 16), or None")
             self.loraplus_lr_ratio = float(ratio)
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_KINDS:
+            _fail("quantize_base", self.quantize_base,
+                  f"expected None or one of {list(QUANTIZE_KINDS)} (bitsandbytes' 4-bit "
+                  "NormalFloat, 4-bit float, 8-bit)")
         if self.init not in INIT_MODES:
             _fail("init", self.init, f"expected one of {list(INIT_MODES)}")
         if self.bias not in BIAS_MODES:

@@ -375,3 +375,37 @@ class PatternError(ConfigError):
         value: the pattern.
         allowed: what would work, in words.
     """
+
+
+class MissingDependencyError(LoRAError, ImportError):
+    """An optional package a feature needs is not installed.
+
+    Attributes:
+        feature: what was asked (``"LoRAConfig(quantize_base='nf4')"``).
+        package: the package it needs.
+        install: the command that installs it.
+    """
+
+    def __init__(self, feature: str, package: str, install: str) -> None:
+        self.feature, self.package, self.install = feature, package, install
+        super().__init__(f"{feature} needs {package}, which is not installed; install it with "
+                         f"`{install}`.")
+
+
+class QuantizedMergeError(LoRAError, RuntimeError):
+    """Merging would write into quantized base weights, which rounds the merged weight to
+    the quantization grid.
+
+    Attributes:
+        layers: the quantized layers' names.
+        loss: what merging into them loses, in words.
+    """
+
+    def __init__(self, operation: str, layers: list[str], loss: str) -> None:
+        self.operation, self.layers, self.loss = operation, list(layers), loss
+        super().__init__(
+            f"{operation} is refused: {len(self.layers)} layer(s) have a quantized base (for "
+            f"example {self.layers[0]!r}), and {loss}. Pass requantize=True to merge into the "
+            "quantized weights anyway, dequantize=True to merge into dense float32 weights "
+            "(the layers stop being quantized), or export a dense merged model with "
+            "merged_state_dict(model) or unload_lora(model, merge=True).")

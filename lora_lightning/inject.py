@@ -4,7 +4,8 @@
 adapter, and why others were left out; see ``plan.py``), swaps each planned module's class
 to its LoRA type in place (no copies, so injecting into thousands of layers is fast), then
 freezes everything except the adapters, the ``modules_to_save`` and the biases that
-``config.bias`` selects. Calling it again on an injected model changes nothing: trained
+``config.bias`` selects. With ``config.quantize_base``, each planned ``nn.Linear`` is first
+replaced by a bitsandbytes 4-bit or 8-bit linear (QLoRA; see ``quantize.py``). Calling it again on an injected model changes nothing: trained
 adapters are never reset.
 """
 
@@ -28,6 +29,7 @@ from .errors import (
 from .layers import DEFAULT_ADAPTER, LoRALayer, block_fast_paths, variant_for
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, Skipped, plan_injection
+from .quantize import quantize_planned
 from .registry import (
     OWNER_ATTR,
     REGISTRY_ATTR,
@@ -165,6 +167,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
               and model.get_submodule(n).merged]
     if merged:
         raise MergedLayersError(f"inject_lora: adding adapter {adapter!r}", merged)
+    if config.quantize_base is not None:  # QLoRA: checked first, then each base replaced
+        plan = quantize_planned(model, plan, config)
     for name, planned in plan.new.items():
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):

@@ -7,6 +7,13 @@ Tied weights (an embedding shared with an output layer, GPT-2's ``lm_head``): me
 into a tensor that another module also uses would change that module too, so it is
 refused with a :class:`~lora_lightning.errors.TiedWeightError`, unless ``untie=True``
 gives the adapted module its own copy first (the other module keeps the base weight).
+
+Quantized bases (QLoRA): writing W + ΔW back into 4 or 8 bits rounds it to the
+quantization grid, so :func:`merge_lora` refuses it
+(:class:`~lora_lightning.errors.QuantizedMergeError`, saying what is lost) unless asked to
+``requantize`` (lossy) or to ``dequantize`` (the layers become dense float32, then merge
+exactly). :func:`merged_state_dict` and :func:`unload_lora` with ``merge=True`` always give
+dense weights (float32, or the ``dtype`` asked for), loadable by the plain model.
 """
 
 from __future__ import annotations
@@ -15,11 +22,19 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
-from .errors import TiedWeightError
-from .layers import LoRALayer, unblock_fast_paths
-from .registry import REGISTRY_ATTR, find_registry, lora_layers, lora_param_keys, swap_module
+from .errors import ArgumentError, QuantizedMergeError, TiedWeightError
+from .layers import LoRALayer, dense_quantized_weight, is_quantized_linear, unblock_fast_paths
+from .registry import (
+    REGISTRY_ATTR,
+    derived_keys,
+    find_registry,
+    lora_layers,
+    lora_param_keys,
+    swap_module,
+)
 
 _UNTIE = ("Call merge_lora(model, untie=True) to give the adapted module its own copy of the "
           "weight first (the tied modules keep the base weight), or keep the adapter unmerged.")
@@ -56,14 +71,28 @@ def _check_tied(model: nn.Module, layers: list[LoRALayer], untie: bool, hint: st
         setattr(layer, attr, nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad))
 
 
-def merge_lora(model: nn.Module, untie: bool = False) -> int:
+def merge_lora(model: nn.Module, untie: bool = False, *, requantize: bool = False,
+               dequantize: bool = False) -> int:
     """Merge every adapter into its base weight. Returns how many layers were merged.
 
     A weight tied to another module is refused before anything changes, unless
-    ``untie=True`` (see the module docstring).
+    ``untie=True`` (see the module docstring). A quantized base is refused too
+    (:class:`~lora_lightning.errors.QuantizedMergeError`) unless ``requantize=True`` (merge,
+    then quantize again: lossy, and unmerging does not give the adapter back exactly) or
+    ``dequantize=True`` (those layers become dense float32 ``nn.Linear`` bases first).
     """
-    layers = [m for m in lora_layers(model).values() if not m.merged]
+    if requantize and dequantize:
+        raise ArgumentError("merge_lora", "requantize", requantize,
+                            "expected at most one of requantize=True and dequantize=True")
+    named = {n: m for n, m in lora_layers(model).items() if not m.merged}
+    quantized = [n for n, m in named.items() if m.merge_loss]
+    if quantized and not (requantize or dequantize):
+        raise QuantizedMergeError("merge_lora", quantized, named[quantized[0]].merge_loss)
+    layers = list(named.values())
     _check_tied(model, layers, untie, _UNTIE)
+    if dequantize:
+        for name in quantized:
+            named[name].dequantize_base()
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -77,41 +106,57 @@ def unmerge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None
+                      ) -> dict[str, Tensor]:
     """A plain state dict with the adapters folded in, for the un-injected model class.
 
     The model itself is not modified. The result loads with ``strict=True`` into a fresh
     instance of the original model and computes the same outputs. Refused for an adapted
     weight that is tied to another module (the plain model would tie them again).
+
+    Quantized bases (adapted or not) come out dense, float32, without their quantization
+    state: the state dict of the model before ``quantize_base`` (a plain ``nn.Linear``).
+    ``dtype`` casts every floating-point tensor (``torch.bfloat16`` for a half-size export).
     """
     layers = lora_layers(model)
     tied = {n: t for n, t in tied_weights(model).items() if not layers[n].merged}
     if tied:
         name = next(iter(tied))
         raise TiedWeightError(name, tied[name], _NO_EXPORT)
-    adapter_keys = lora_param_keys(model)
+    skip = lora_param_keys(model) | derived_keys(model)
     merged = {f"{name}.{layer.weight_name}": layer.merged_weight()
               for name, layer in layers.items()}
+    merged.update({f"{name}.weight": dense_quantized_weight(m)
+                   for name, m in model.named_modules()
+                   if is_quantized_linear(m) and not isinstance(m, LoRALayer)})
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
-        if key in adapter_keys:
+        if key in skip:
             continue
-        out[key] = merged.get(key, value)
+        value = merged.get(key, value)
+        out[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return out
 
 
-def unload_lora(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Module:
+def unload_lora(model: nn.Module, merge: bool = True, untie: bool = False,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
     """Remove every adapter and restore the original module types, in place.
 
     With ``merge=True`` (the default) the adapters are folded into the weights first
     (tied weights as in :func:`merge_lora`); with ``merge=False`` they are discarded and
     the base weights restored. Parameters keep their ``requires_grad`` flags. Returns
     ``model``.
+
+    A quantized base (QLoRA) becomes a dense ``nn.Linear`` of ``dtype`` (float32 by default)
+    with the merged weight when ``merge=True``; with ``merge=False`` it stays quantized.
     """
     layers = list(lora_layers(model).values())
     if merge:
         _check_tied(model, [m for m in layers if not m.merged], untie, _UNTIE)
     for layer in layers:
+        if merge and layer.merge_loss:
+            layer.unmerge()  # a requantized merge: back to the base, then merged densely
+            layer.dequantize_base(dtype)
         if merge:
             layer.merge()
         else:

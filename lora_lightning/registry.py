@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .errors import ConfigError
+from .layers import is_quantized_linear
 from .layers.base import ADAPTER_NAME, DEFAULT_ADAPTER, LoRALayer
 
 REGISTRY_ATTR = "_lora_registry"
@@ -131,6 +132,25 @@ def param_keys(model: nn.Module) -> dict[str, str]:
     """``named_parameters`` name -> state-dict key, for every parameter in the state dict."""
     by_id = state_keys(model)
     return {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}
+
+
+def derived_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that are neither parameters nor buffers: the quantization state that
+    bitsandbytes' linears write beside their packed weight (``weight.absmax``,
+    ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``,
+    ``SCB``, ``weight_format``). They are part of the frozen base: derived from the weight,
+    rebuilt when the base is quantized again, never in an adapter-only checkpoint."""
+    by_id = state_keys(model)
+    out: set[str] = set()
+    for m in model.modules():
+        key = by_id.get(id(getattr(m, "weight", None))) if is_quantized_linear(m) else None
+        if key is None:
+            continue
+        prefix = key[: -len("weight")]
+        local: dict[str, Any] = {}
+        m._save_to_state_dict(local, prefix, keep_vars=True)
+        out |= set(local) - {prefix + n for n in (*m._parameters, *m._buffers)}
+    return out
 
 
 def to_model_keys(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from ..errors import (
     CheckpointMismatchError,
     StateDictMismatchError,
 )
-from ..registry import find_config, lora_param_keys
+from ..registry import derived_keys, find_config, lora_param_keys
 from .adapter_state import preview
 from .fingerprint import base_fingerprint
 from .meta import META_KEY, META_VERSION, SAVE_MODES, adapter_layers, frozen_keys
@@ -52,9 +52,12 @@ def check_state_dict_fits(
     complex one's imaginary part, so every tensor must pass
     :func:`~lora_lightning.checkpoint.tensor_rules.tensor_problem` too. Calling this first
     makes a refused load leave the model as it was. Keys in
-    ``may_miss`` may be absent; with ``strict=False`` only shapes and types are checked.
+    ``may_miss`` may be absent, and so may a quantized base's quantization state
+    (:func:`~lora_lightning.registry.derived_keys`, which torch's load refuses); with ``strict=False`` only shapes and types are checked.
     """
     targets = model.state_dict(keep_vars=True)
+    for key in derived_keys(model):  # a quantized base's state: never loaded, never missing
+        del targets[key]
     problems = []
     if strict:
         missing = sorted(set(targets) - set(state_dict) - set(may_miss))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
 from torch import nn
 
+from ..quantize import dense_summaries, tensor_summary
 from ..registry import canonical_name, param_keys
 from .adapter_state import adapter_keys
 
@@ -15,22 +15,23 @@ def base_fingerprint(model: nn.Module, adapter: str | None = None) -> dict[str, 
     """Shapes plus a cheap content hash of the frozen base parameters (not buffers,
     which training may change).
 
-    Reads at most 4,096 evenly spaced values per tensor, so it costs milliseconds even
-    for large models. Take it while the adapters are not merged.
+    Reads at most 4,096 evenly spaced values per tensor
+    (:func:`~lora_lightning.quantize.tensor_summary`), so it costs milliseconds even for
+    large models. Take it while the adapters are not merged. A base that ``quantize_base``
+    quantized counts with its dense weights from before (kept as a summary), so a QLoRA
+    checkpoint names the pretrained base, which is quantized again on load.
     """
     excluded = set(adapter_keys(model, adapter))  # other adapters count as base here
     digest = hashlib.sha256()
     n = 0
     names = param_keys(model)
+    dense = dense_summaries(model)
     for name, value in model.named_parameters():
         key = names.get(name, name)
         if key in excluded:
             continue
         key = canonical_name(key)  # a wrapped model and its plain form agree
-        flat = value.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to(torch.float64).cpu()
-        digest.update(f"{key}:{tuple(value.shape)}:".encode())
-        digest.update(f"{sample.sum().item():.6e}:{sample.abs().sum().item():.6e}".encode())
+        summary = dense.get(id(value)) or tensor_summary(value)
+        digest.update(f"{key}:{summary}".encode())
         n += 1
     return {"tensors": n, "sha256": digest.hexdigest()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..registry import canonical_name, lora_layers
+from ..registry import canonical_name, derived_keys, lora_layers
 from .adapter_state import adapter_keys
 from .fingerprint import base_fingerprint
 
@@ -28,8 +28,9 @@ def _classify_keys(model: nn.Module, adapter: str | None = None) -> tuple[set[st
 
 
 def frozen_keys(model: nn.Module, adapter: str | None = None) -> set[str]:
-    """The frozen base parameters' keys: what an adapter-only checkpoint leaves out."""
-    return _classify_keys(model, adapter)[1]
+    """The frozen base's keys: what an adapter-only checkpoint leaves out (the frozen
+    parameters, and a quantized base's quantization state, :func:`derived_keys`)."""
+    return _classify_keys(model, adapter)[1] | derived_keys(model)
 
 
 def checkpoint_meta(model: nn.Module, config, mode: str, adapter: str | None = None
@@ -61,11 +62,21 @@ def adapter_layers(model: nn.Module, adapter: str | None) -> dict[str, int]:
 
 def strip_to_adapter(model: nn.Module, state_dict: dict[str, Tensor],
                      adapter: str | None = None) -> int:
-    """Drop the frozen base parameters from ``state_dict`` in place; keep trained tensors
-    and every buffer (training may change any buffer, BatchNorm statistics for example).
-    Returns how many keys were dropped."""
-    _, frozen = _classify_keys(model, adapter)
+    """Drop the frozen base (:func:`frozen_keys`) from ``state_dict`` in place; keep
+    trained tensors and every buffer (training may change any buffer, BatchNorm statistics
+    for example). Returns how many keys were dropped."""
+    frozen = frozen_keys(model, adapter)
     dropped = [k for k in state_dict if k in frozen]
+    for k in dropped:
+        del state_dict[k]
+    return len(dropped)
+
+
+def drop_derived_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
+    """Drop a quantized base's quantization state (:func:`derived_keys`) from a full
+    checkpoint's ``state_dict``: torch's strict load refuses it, and quantizing the same
+    base again rebuilds it. Returns how many keys were dropped."""
+    dropped = [k for k in derived_keys(model) if k in state_dict]
     for k in dropped:
         del state_dict[k]
     return len(dropped)
@@ -75,8 +86,9 @@ def fill_base_keys(model: nn.Module, state_dict: dict[str, Tensor],
                    adapter: str | None = None) -> int:
     """Add the model's own frozen base parameters to an adapter-only ``state_dict``.
 
-    Only frozen *parameters* are filled; a missing trained tensor or buffer stays missing,
-    so a strict load still reports it. Returns how many keys were added.
+    Only frozen *parameters* are filled (not a quantized base's quantization state, which
+    the model keeps and torch's load refuses); a missing trained tensor or buffer stays
+    missing, so a strict load still reports it. Returns how many keys were added.
     """
     _, frozen = _classify_keys(model, adapter)
     current = model.state_dict()

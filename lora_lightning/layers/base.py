@@ -19,8 +19,11 @@ checkpoints and per-sample batching ask it instead of testing types:
 
 **The base-weight seam.** Everything that reads or writes the frozen weight as numbers
 (merge, unmerge, DoRA's norm, the merged export) goes through :meth:`dense_weight` and
-:meth:`write_weight`; new adapters take :meth:`adapter_dtype`. A quantized base or an
-adapter dtype other than the base's is a change here, not across the core.
+:meth:`write_weight`; new adapters take :meth:`adapter_dtype` (from :meth:`base_dtype`).
+A quantized base (``layers/quantized.py``: bitsandbytes' 4-bit and 8-bit linears) says
+what merging into it loses (:attr:`merge_loss`) and can turn dense
+(:meth:`dequantize_base`); an adapter dtype other than the base's is a change here too,
+not across the core.
 
 **One forward.** :meth:`forward` is the base forward plus :meth:`delta` for each pending
 adapter; the strategy (one adapter added in place, one folded into the weight for many
@@ -203,17 +206,32 @@ class LoRALayer:
         w = self.base_weight()
         w.copy_(value.to(w.dtype))
 
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the base computes in: its weight's (a quantized base: its compute
+        dtype)."""
+        return self.base_weight().dtype
+
     def adapter_dtype(self, rule: str | None = None) -> torch.dtype:
         """The dtype adapter tensors get under ``rule`` (``LoRAConfig.adapter_dtype``):
         by default float32 on a half-precision or non-float base, else the base's."""
-        w = self.base_weight()
+        dtype = self.base_dtype()
         if rule not in (None, "base"):
             return getattr(torch, rule)
-        if not w.is_floating_point():
+        if not dtype.is_floating_point:
             return torch.float32
-        if rule is None and w.dtype in (torch.float16, torch.bfloat16):
+        if rule is None and dtype in (torch.float16, torch.bfloat16):
             return torch.float32
-        return w.dtype
+        return dtype
+
+    merge_loss: ClassVar[str | None] = None
+    """What writing a merged weight into this base loses (a quantized base rounds it to its
+    grid), or ``None``: merging then needs an explicit ``requantize=True`` or
+    :meth:`dequantize_base` first (:func:`~lora_lightning.merge.merge_lora`)."""
+
+    def dequantize_base(self, dtype: torch.dtype = torch.float32) -> None:
+        """Turn a quantized base into a dense one of ``dtype``, in place (adapters kept).
+        Only types with a :attr:`merge_loss` have one to turn."""
+        raise NotImplementedError(f"{type(self).__name__} has a dense base already")
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # ``module.to(dtype)`` (Lightning's "bf16-true" converts the whole module) would

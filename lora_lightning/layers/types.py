@@ -28,6 +28,7 @@ adapted as that type unless it overrides what the type computes (``forward``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -280,8 +281,8 @@ def register_layer_type(base_class: type[nn.Module], lora_class: type) -> None:
 
 def layer_types() -> dict[type, type]:
     """Module type -> LoRA type, for every registered type (HF Conv1D once transformers is
-    loaded)."""
-    _register_hf_conv1d()
+    loaded, bitsandbytes' quantized linears once bitsandbytes is)."""
+    _register_lazy()
     return dict(_TYPES)
 
 
@@ -289,6 +290,23 @@ def hf_conv1d_type() -> type | None:
     """transformers' ``Conv1D``, if transformers is loaded (a model that has one loaded it)."""
     utils = sys.modules.get("transformers.pytorch_utils")
     return getattr(utils, "Conv1D", None)
+
+
+_LAZY: list[Callable[[], None]] = []
+"""Registrations of types from optional packages, run before each lookup: each registers its
+types once their package is loaded (a model that holds one loaded it)."""
+
+
+def register_lazily(register: Callable[[], None]) -> None:
+    """Run ``register`` before every type lookup (it must be cheap and idempotent)."""
+    if register not in _LAZY:
+        _LAZY.append(register)
+
+
+def _register_lazy() -> None:
+    _register_hf_conv1d()
+    for register in _LAZY:
+        register()
 
 
 def _register_hf_conv1d() -> None:
@@ -316,7 +334,7 @@ def short_name(t: type) -> str:
 
 def registered_type(module_type: type) -> type | None:
     """The LoRA type registered for ``module_type`` or its nearest registered base."""
-    _register_hf_conv1d()
+    _register_lazy()
     if issubclass(module_type, LoRALayer):
         return module_type
     if module_type in _TYPES:
@@ -327,7 +345,7 @@ def registered_type(module_type: type) -> type | None:
 def lora_type_for(module: nn.Module, config: Any) -> type | str:
     """The LoRA class for ``module``, or the reason it cannot carry one (worded to follow
     the module's name in a sentence)."""
-    _register_hf_conv1d()
+    _register_lazy()
     t = type(module)
     if isinstance(module, LoRALayer):  # adding another adapter: only the config can refuse
         return t.check_config(config) or t

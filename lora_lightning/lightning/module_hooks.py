@@ -18,7 +18,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule
 
-from ..checkpoint.meta import META_KEY, checkpoint_meta, strip_to_adapter
+from ..checkpoint.meta import META_KEY, checkpoint_meta, drop_derived_keys, strip_to_adapter
 from ..checkpoint.restore import prepare_base_state, prepare_lora_state
 from ..config import LoRAConfig
 from ..registry import canonical_name, to_model_keys
@@ -76,6 +76,8 @@ def save_hook(state: HookState, pl_module: LightningModule, checkpoint: dict[str
     if state.save_mode == "adapter":
         meta["dropped_keys"] = strip_to_adapter(pl_module, checkpoint["state_dict"],
                                                 state.adapter)
+    else:  # a quantized base's quantization state, which a strict load refuses
+        drop_derived_keys(pl_module, checkpoint["state_dict"])
     # Keys as in the plain model (no wrapper segments such as torch.compile's _orig_mod),
     # so the file loads into an unwrapped model; load_hook maps them back.
     checkpoint["state_dict"] = {canonical_name(k): v for k, v in checkpoint["state_dict"].items()}
