@@ -163,6 +163,7 @@ FIELD_OVERRIDES = {
     "use_dora": ("true", True),
     "adapter_dtype": ("bfloat16", "bfloat16"),
     "loraplus_lr_ratio": ("16", 16.0),
+    "quantize_base": ("nf4", "nf4"),
 }
 
 

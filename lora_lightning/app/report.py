@@ -95,10 +95,14 @@ def lora_variant(config: Mapping[str, Any] | None) -> str:
 
     >>> lora_variant({"r": 8, "use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 16})
     'DoRA rsLoRA LoRA+ ratio=16'
+    >>> lora_variant({"r": 8, "quantize_base": "nf4"})
+    'QLoRA nf4'
     """
     if not config:
         return ""
     parts = []
+    if config.get("quantize_base"):
+        parts.append(f"QLoRA {config['quantize_base']}")
     if config.get("use_dora"):
         parts.append("DoRA")
     if config.get("use_rslora"):

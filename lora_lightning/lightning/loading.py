@@ -144,7 +144,9 @@ def load_lora_checkpoint(
         checkpoint_path: the LoRA checkpoint.
         config: needed only for checkpoints without LoRA metadata.
         base_checkpoint: where to take base weights from, if not from the constructor.
-        merge: fold the adapters into the weights for zero-overhead inference.
+        merge: fold the adapters into the weights for zero-overhead inference. A quantized
+            base (``quantize_base``, QLoRA) is dequantized to dense float32 first, so the
+            merge is exact (``merge_lora(model, dequantize=True)``).
         strict: passed to ``load_state_dict``.
         call_setup: call ``setup("predict")`` first, for modules that build their model
             in ``setup`` (``configure_model`` is always called when overridden).
@@ -222,7 +224,7 @@ def load_lora_checkpoint(
         _load_checked(tx, model, state, strict, source)
         if merge:
             tx.keep(m.base_weight() for m in lora_layers(model).values())
-            merge_lora(model)
+            merge_lora(model, dequantize=True)
     return model.eval()
 
 
