@@ -356,3 +356,32 @@ def test_a_tiny_llama_trains_on_a_4bit_base_and_exports_a_plain_model():
     plain.load_state_dict(merged_state_dict(model), strict=True)
     with torch.no_grad():
         assert_close_fp32(plain(input_ids=ids).logits, want)
+
+
+# -- 7. the benchmark's smoke mode ---------------------------------------------------------
+def test_the_qlora_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
+    """``benchmarks/gpu/bench_qlora_gpu.py --device cpu --smoke`` runs
+    ``benchmarks/bench_qlora.py``'s tiny preset: every row filled, and ours and PEFT
+    compute the same loss on the same 4-bit base and adapters. No timing assertions."""
+    import importlib.util
+    from pathlib import Path
+
+    for package in ("peft", "transformers"):
+        pytest.importorskip(package)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_qlora_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_qlora_gpu", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        text = module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path / "r.md")])
+    finally:
+        for name in ("bench_qlora", "bench_lora"):
+            sys.modules.pop(name, None)
+    assert text == (tmp_path / "r.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert set(rows) == {"lora", "qlora", "peft"} and "n/a" not in text
+    loss_gap = float(text.rsplit("adapters: ", 1)[1].split()[0])
+    assert loss_gap < 1e-4
+    ratio = float(text.split("frozen linear weights lora / qlora: ", 1)[1].split("x")[0])
+    assert ratio > 4  # 4-bit weights plus their quantization state on 64-wide layers
