@@ -410,3 +410,18 @@ def test_the_qlora_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
     assert loss_gap < 1e-4
     ratio = float(text.split("frozen linear weights lora / qlora: ", 1)[1].split("x")[0])
     assert ratio > 4  # 4-bit weights plus their quantization state on 64-wide layers
+
+
+def test_a_subclass_of_linear4bit_is_adapted_as_a_4bit_base():
+    """bitsandbytes' ``LinearNF4`` is a ``Linear4bit`` before it is an ``nn.Linear``: the
+    nearest registered type in its MRO adapts it."""
+    net = Net()
+    nf4 = bnb.nn.LinearNF4(64, 64, compute_dtype=torch.float32)
+    from lora_lightning.layers import quantize_weight
+
+    quantize_weight(nf4, net.fc1.weight.detach())
+    nf4.bias = net.fc1.bias
+    net.fc1 = nf4
+    inject_lora(net, config(None, target_modules=["fc1"]))
+    assert isinstance(net.fc1, bnb.nn.LinearNF4) and net.fc1.merge_loss is not None
+    assert_close_fp32(net.fc1.dense_weight(), net.fc1.merged_weight())
