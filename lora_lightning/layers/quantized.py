@@ -152,9 +152,6 @@ class QuantizedLinearLoRA(MatmulLoRA):
     def write_weight(self, value: Tensor) -> None:
         quantize_weight(self, value.to(self.base_dtype()))
 
-    def merged_weight(self) -> Tensor:
-        return super().merged_weight().float()
-
     @torch.no_grad()
     def dequantize_base(self, dtype: torch.dtype = torch.float32) -> None:
         """Become a dense ``LoRALinear`` of ``dtype`` with the dequantized weight, adapters
