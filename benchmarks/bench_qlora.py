@@ -24,7 +24,10 @@ Measured:
 - that ours and PEFT compute the same loss on the same base and adapters (QLoRA only).
 
 ``python benchmarks/bench_qlora.py`` takes about a minute on one CPU core;
-``--preset tiny`` a few seconds (the smoke test). Results: ``benchmarks/qlora.md``.
+``--preset tiny`` a few seconds (the smoke test); ``--preset smollm2`` runs the same on
+SmolLM2-135M-Instruct itself (``make lm`` installs it; random tokens, batch 8 x 128) with
+the tensor memory of one step split into weights, gradients, optimizer state and
+activations. Results: ``benchmarks/qlora.md``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ PRESETS = {
     "tiny": (64, 128, 1, 4, 2, 128, 2, 16, 1, 2),
     "cpu": (512, 1536, 4, 8, 4, 2048, 4, 128, 2, 8),
     "gpu": (2048, 5632, 8, 16, 4, 32000, 8, 512, 3, 15),
+    # SmolLM2-135M-Instruct itself (make lm installs it), Hamlet, batch 8 x 128 as in
+    # experiment=lm_lora; the first six fields come from the model
+    "smollm2": (None, None, None, None, None, None, 8, 128, 1, 2),
 }
 
 
@@ -71,11 +77,19 @@ class Variant:
     peak_bytes: int | None = None
     static_bytes: int = 0
     loss: float = 0.0
+    split: dict[str, int] = field(default_factory=dict)
+    """weights / grads / optimizer / activations bytes of the measured step (CPU)."""
 
 
 def build_base(preset: tuple, device: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if preset[0] is None:
+        from lora_lightning.examples import load_causal_lm
+
+        lm = load_causal_lm(None)
+        lm.config.use_cache = False
+        return lm.to(device)
     hidden, inter, layers, heads, kv, vocab = preset[:6]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                       num_hidden_layers=layers, num_attention_heads=heads,
@@ -198,16 +212,48 @@ def measure_memory(v: Variant, ids: torch.Tensor, device: str) -> None:
     from bench_lora import _profiled_peak
     from torch.profiler import ProfilerActivity, profile
 
+    weights = {_storage(t) for t in [*v.net.parameters(), *v.net.buffers()]}
+    weights |= {_storage(t) for t in _quant_state(v.net)}
+    saved: dict[int, int] = {}
+    skip = {ptr for ptr, _ in weights}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage(t)
+        if ptr not in skip:  # frozen weights are saved too; they are not activations
+            saved[ptr] = nbytes
+        return t
+
     gc.disable()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                v.loss = train_step(v, ids)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    v.loss = train_step(v, ids)
     finally:
         gc.enable()
     peak = _profiled_peak(prof)
     v.peak_bytes = None if peak is None else v.static_bytes + peak
+    grads = {_storage(p.grad) for p in v.net.parameters() if p.grad is not None}
+    state = {_storage(t) for s in v.opt.state.values() for t in s.values()
+             if isinstance(t, torch.Tensor)}
+    v.split = {"weights": sum(n for _, n in weights), "grads": sum(n for _, n in grads),
+               "optimizer": sum(n for _, n in state), "activations": sum(saved.values())}
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def _quant_state(net: nn.Module) -> list[torch.Tensor]:
+    """The tensors of bitsandbytes' quantization state (absmax, code, nested ones)."""
+    out = []
+    for m in net.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None and hasattr(qs, "as_dict"):
+            out += [t for t in qs.as_dict(packed=True).values() if isinstance(t, torch.Tensor)]
+    return out
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
@@ -223,6 +269,15 @@ def report(variants: list[Variant], preset: str, device: str, command: str) -> s
         peak = "n/a" if v.peak_bytes is None else f"{v.peak_bytes / MiB:.1f}"
         lines.append(f"| {v.name} | {statistics.median(v.step_s):.4f} | "
                      f"{v.frozen_linear_bytes / MiB:.2f} | {peak} | {v.loss:.5f} |")
+    if all(v.split for v in variants):
+        lines += ["", "Tensor memory of the measured step (MiB; each storage counted once; "
+                  "activations: what autograd saves for backward, weights excluded):", "",
+                  "| variant | weights | grads | optimizer | activations | sum |",
+                  "|---|---|---|---|---|---|"]
+        for v in variants:
+            parts = [v.split[k] / MiB for k in ("weights", "grads", "optimizer", "activations")]
+            lines.append(f"| {v.name} | " + " | ".join(f"{p:.1f}" for p in parts)
+                         + f" | {sum(parts):.1f} |")
     lines += ["", "Ratios (step time: median over rounds of the ratio within a round):", ""]
     lines.append(f"- step time qlora / peft: "
                  f"{paired_ratio(by['qlora'].step_s, by['peft'].step_s):.3f}")
@@ -265,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     batch, seq, warmup, steps = preset[6:]
     steps = args.steps or steps
     base = build_base(preset, args.device)
-    ids = torch.randint(0, preset[5], (batch, seq), generator=torch.Generator().manual_seed(0))
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     variants = make_variants(base)
     del base
