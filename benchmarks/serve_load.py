@@ -203,7 +203,7 @@ def compare(port: int, names: Sequence[str], rounds: int, requests: int, concurr
             "p99_ms": 1000 * statistics.median(r.percentile(0.99) for r in results),
         }
     report["mixed_over_single_throughput"] = statistics.median(
-        m.throughput / s.throughput for s, m in zip(runs["single"], runs["mixed"]))
+        m.throughput / s.throughput for s, m in zip(runs["single"], runs["mixed"], strict=True))
     return report
 
 

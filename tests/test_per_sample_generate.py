@@ -9,8 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_lightning import (LoRAConfig, PerSampleBatchError, disable_adapters, inject_lora,
-                            per_sample_adapters, set_adapter)
+from lora_lightning import (
+    LoRAConfig,
+    PerSampleBatchError,
+    disable_adapters,
+    inject_lora,
+    per_sample_adapters,
+    set_adapter,
+)
 from tests._helpers import randomize_adapters
 from tests._tiny_lm import make_tiny_lm
 
@@ -58,7 +64,7 @@ def _mixed(model, tok, names, **kw):
 def test_greedy_generation_gives_each_sequence_its_own_adapter(lm):
     model, tok = lm
     mixed = _mixed(model, tok, NAMES, max_new_tokens=8)
-    alone = [_alone(model, tok, t, n, max_new_tokens=8)[0] for t, n in zip(TEXTS, NAMES)]
+    alone = [_alone(model, tok, t, n, max_new_tokens=8)[0] for t, n in zip(TEXTS, NAMES, strict=True)]
     assert mixed == alone
     # The adapters differ from each other and from the base on these prompts, so the
     # equality above could not hold with one adapter (or none) for every sequence.
@@ -71,7 +77,7 @@ def test_beam_search_with_each_name_repeated_per_row(lm):
     model, tok = lm
     kw = {"max_new_tokens": 5, "num_beams": 2, "num_return_sequences": 2}
     mixed = _mixed(model, tok, [n for n in NAMES for _ in range(2)], **kw)
-    alone = [row for t, n in zip(TEXTS, NAMES) for row in _alone(model, tok, t, n, **kw)]
+    alone = [row for t, n in zip(TEXTS, NAMES, strict=True) for row in _alone(model, tok, t, n, **kw)]
     assert mixed == alone
 
 

@@ -44,8 +44,12 @@ def model_task(config: Any) -> str:
 
 def load_base(folder: str | os.PathLike) -> tuple[nn.Module, Any, str]:
     """The model, tokenizer and task of a transformers folder (``save_pretrained``)."""
-    from transformers import (AutoConfig, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     config = AutoConfig.from_pretrained(folder)
     task = model_task(config)
@@ -120,7 +124,7 @@ class ServedModel:
                 answers = self.predict([requests[i] for i in todo])
             except Exception as e:  # a model error answers each of these requests
                 answers = [_error(500, f"the model failed on this batch: {e}")] * len(todo)
-            for i, answer in zip(todo, answers):
+            for i, answer in zip(todo, answers, strict=True):
                 out[i] = answer
         for i, req in enumerate(requests):
             if out[i] is None:
@@ -186,8 +190,8 @@ class ServedModel:
                 logits = self.model(**enc).logits
             probs = logits.float().softmax(-1)
             return [_ok({"adapter": n, "label": self.labels[int(p.argmax())],
-                         "probabilities": dict(zip(self.labels, p.tolist()))})
-                    for n, p in zip(names, probs)]
+                         "probabilities": dict(zip(self.labels, p.tolist(), strict=True))})
+                    for n, p in zip(names, probs, strict=True)]
         steps = [int(r.get("max_new_tokens") or self.max_new_tokens) for r in requests]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt").to(device)
         with per_sample_adapters(self.model, names):
@@ -197,7 +201,7 @@ class ServedModel:
         # Greedy decoding is causal: a sequence's first n tokens do not depend on how many
         # follow, so one generate() with the largest max_new_tokens serves every request.
         out = []
-        for n, row, k in zip(names, new.tolist(), steps):
+        for n, row, k in zip(names, new.tolist(), steps, strict=True):
             ids = row[:k]
             if self.tokenizer.eos_token_id in ids:  # generate() pads after a sequence ends
                 ids = ids[:ids.index(self.tokenizer.eos_token_id) + 1]
