@@ -85,3 +85,27 @@ def test_beam_search_without_repeated_names_says_how(lm):
     model, tok = lm
     with pytest.raises(PerSampleBatchError, match=r"num_beams=2 .*range\(2\)"):
         _mixed(model, tok, NAMES, max_new_tokens=2, num_beams=2)
+
+
+def test_stacked_adapters_are_rebuilt_when_an_adapter_changes_inside_the_block(lm):
+    """Without grad, a block keeps each layer's stacked adapters across forwards (the
+    decode steps); an in-place change to an adapter (an optimizer step, a load) must
+    still show in the next forward."""
+    model, tok = lm
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), per_sample_adapters(model, NAMES):
+        first = model(**enc).logits
+        assert "_lora_stack" in layer.__dict__  # kept for the next forward
+        again = model(**enc).logits
+        layer.lora_B_a.add_(0.5)
+        changed = model(**enc).logits
+    assert "_lora_stack" not in layer.__dict__  # dropped with the block
+    with torch.no_grad(), per_sample_adapters(model, NAMES):
+        fresh = model(**enc).logits
+    with torch.no_grad():
+        layer.lora_B_a.sub_(0.5)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert (changed[0] - first[0]).abs().max() > 1e-3  # sample 0 uses adapter a
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(changed[1:], first[1:], rtol=0, atol=0)

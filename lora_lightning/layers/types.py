@@ -75,6 +75,27 @@ class MatmulLoRA(LoRALayer):
                 or any(self.lora_specs[n].variant is not None for n, _ in groups)
                 or (self.training and any(self.lora_specs[n].dropout for n, _ in groups))):
             return super()._per_sample(x, result)
+        slot, a_all, b_all = self._stacked(groups, x)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = x3 if x3.dtype == a_all.dtype else x3.to(a_all.dtype)
+        update = torch.bmm(torch.bmm(x3, a_all.index_select(0, slot)),
+                           b_all.index_select(0, slot))
+        return result + update.reshape(result.shape).to(result.dtype)
+
+    def _stacked(self, groups: list[tuple[str, Tensor]], x: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each sample's slot, and the stacked A (K + 1, in, rank) and scaled B
+        (K + 1, rank, out). Without grad they are kept for the rest of the
+        ``per_sample_adapters`` block, so the decode steps of a ``generate()`` (or any
+        repeated forward) reuse them, and rebuilt when an adapter's values change (an
+        in-place write bumps the tensor's version)."""
+        key = (tuple((t.data_ptr(), t._version, t.dtype) for n, _ in groups
+                     for t in self._ab(n)),
+               tuple(self.lora_specs[n].scaling for n, _ in groups), x.device)
+        cached = self.__dict__.get("_lora_stack")
+        if (cached is not None and cached[0] is self.lora_groups and cached[1] == key
+                and not torch.is_grad_enabled()):
+            return cached[2]
         rank = max(self.lora_specs[n].r for n, _ in groups)
         slot = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         a_parts, b_parts = [], []
@@ -86,11 +107,9 @@ class MatmulLoRA(LoRALayer):
             slot[idx] = k
         a_all = torch.stack([torch.zeros_like(a_parts[0]), *a_parts])  # (K + 1, in, rank)
         b_all = torch.stack([torch.zeros_like(b_parts[0]), *b_parts])  # (K + 1, rank, out)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        x3 = x3 if x3.dtype == a_all.dtype else x3.to(a_all.dtype)
-        update = torch.bmm(torch.bmm(x3, a_all.index_select(0, slot)),
-                           b_all.index_select(0, slot))
-        return result + update.reshape(result.shape).to(result.dtype)
+        if not torch.is_grad_enabled():  # tensors built with grad would hold their graph
+            self.__dict__["_lora_stack"] = (self.lora_groups, key, (slot, a_all, b_all))
+        return slot, a_all, b_all
 
     def lora_forward(self, x, a, b):
         return F.linear(F.linear(x, a), b)
