@@ -237,3 +237,36 @@ def test_model_task_refuses_other_architectures():
     assert model_task(BertConfig(architectures=["BertForSequenceClassification"])) == "classify"
     with pytest.raises(SystemExit, match=r"\['BertModel'\].*ForSequenceClassification"):
         model_task(BertConfig(architectures=["BertModel"]))
+
+
+def test_readme_server_example_runs_as_printed(tmp_path, sl, monkeypatch):
+    """README's "Serving many adapters over HTTP": its Python block, its server command
+    and each curl line, as printed (only the port differs: a free one)."""
+    import json
+    import re
+    import subprocess
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Serving many adapters over HTTP"):]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    shell = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).splitlines()
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (serving)", "exec"), {})
+    assert shell[0] == ("python -m lora_lightning.serve --model served/model "
+                        "--adapters served/adapters --port 8000 &")
+    with sl.Server(tmp_path / "served" / "model", tmp_path / "served" / "adapters") as srv:
+        answers = []
+        for line in shell[1:]:
+            assert "127.0.0.1:8000" in line
+            run = subprocess.run(line.replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}"),
+                                 shell=True, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=60)
+            assert run.returncode == 0, (line, run.stderr)
+            answers.append(json.loads(run.stdout))
+    assert [a.get("error") for a in answers] == [None] * 5, answers
+    assert answers[0]["adapters"] == ["party", "sentiment"]
+    assert answers[1]["adapter"] == "sentiment" and set(answers[1]["probabilities"]) == {
+        "negative", "positive"}
+    assert answers[2]["adapter"] is None
+    assert answers[3] == {"deleted": "party", "adapters": ["sentiment"]}
+    assert answers[4] == {"loaded": "party", "adapters": ["sentiment", "party"]}

@@ -33,12 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from transformers import AutoConfig
-
-    from .engine import adapter_dirs, model_task
+    from .engine import adapter_dirs, folder_task
     from .server import build_server
 
-    task = model_task(AutoConfig.from_pretrained(args.model))
+    task = folder_task(args.model)
     if args.adapters is not None:
         adapter_dirs(args.adapters)  # a missing folder fails here, not in the worker
     server = build_server(args.model, args.adapters, task, max_batch_size=args.max_batch_size,

@@ -13,6 +13,7 @@ first (with the adapters it started with), then its loads and deletes in order.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,10 @@ CLASSIFY, GENERATE = "classify", "generate"
 
 
 def model_task(config: Any) -> str:
-    """``"classify"`` or ``"generate"`` from a transformers config's ``architectures``."""
-    archs = list(getattr(config, "architectures", None) or [])
+    """``"classify"`` or ``"generate"`` from a transformers config's ``architectures`` (a
+    config object, or config.json's dict)."""
+    archs = list((config.get("architectures") if isinstance(config, dict)
+                  else getattr(config, "architectures", None)) or [])
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return CLASSIFY
     if any(a.endswith("ForCausalLM") for a in archs):
@@ -40,6 +43,18 @@ def model_task(config: Any) -> str:
         f"the model's config.json names architectures {archs}; the server runs a "
         "*ForSequenceClassification model (label and probabilities) or a *ForCausalLM model "
         "(generated text): save one with save_pretrained and pass its folder to --model")
+
+
+def folder_task(folder: str | os.PathLike) -> str:
+    """:func:`model_task` of a model folder, from its config.json alone (the HTTP process
+    checks requests with it and never imports transformers)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {folder}: cannot read {path} ({e}); pass a folder "
+                         "written by save_pretrained") from None
+    return model_task(config)
 
 
 def load_base(folder: str | os.PathLike) -> tuple[nn.Module, Any, str]:
