@@ -235,6 +235,5 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str | None]
             handle.remove()
         for layer in layers.values():
             layer.lora_groups = None
-            layer.__dict__.pop("_lora_stack", None)  # MatmulLoRA's stacked adapters
         for head, module in installed.items():
             swap_module(model, head, module)

@@ -87,25 +87,50 @@ def test_beam_search_without_repeated_names_says_how(lm):
         _mixed(model, tok, NAMES, max_new_tokens=2, num_beams=2)
 
 
-def test_stacked_adapters_are_rebuilt_when_an_adapter_changes_inside_the_block(lm):
-    """Without grad, a block keeps each layer's stacked adapters across forwards (the
-    decode steps); an in-place change to an adapter (an optimizer step, a load) must
-    still show in the next forward."""
+def test_stacked_adapters_are_rebuilt_when_an_adapter_changes(lm):
+    """Without grad, each layer keeps its adapters stacked across forwards and blocks (a
+    generate()'s decode steps, a server's batches); an in-place change to an adapter (an
+    optimizer step, a load), a new adapter or a deleted one must show in the next forward
+    all the same."""
     model, tok = lm
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     layer = model.model.layers[0].self_attn.q_proj
-    with torch.no_grad(), per_sample_adapters(model, NAMES):
-        first = model(**enc).logits
-        assert "_lora_stack" in layer.__dict__  # kept for the next forward
-        again = model(**enc).logits
-        layer.lora_B_a.add_(0.5)
-        changed = model(**enc).logits
-    assert "_lora_stack" not in layer.__dict__  # dropped with the block
-    with torch.no_grad(), per_sample_adapters(model, NAMES):
-        fresh = model(**enc).logits
+
+    def run(names=NAMES):
+        with torch.no_grad(), per_sample_adapters(model, names):
+            return model(**enc).logits
+
+    first = run()
+    stack = layer.__dict__["_lora_stack"]
+    torch.testing.assert_close(run(), first, rtol=0, atol=0)
+    assert layer.__dict__["_lora_stack"][2] is stack[2]  # reused, not rebuilt
     with torch.no_grad():
-        layer.lora_B_a.sub_(0.5)
-    torch.testing.assert_close(again, first, rtol=0, atol=0)
-    assert (changed[0] - first[0]).abs().max() > 1e-3  # sample 0 uses adapter a
-    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
-    torch.testing.assert_close(changed[1:], first[1:], rtol=0, atol=0)
+        layer.lora_B_a.add_(0.5)
+    try:
+        changed = run()
+        assert layer.__dict__["_lora_stack"][2] is not stack[2]
+        assert (changed[0] - first[0]).abs().max() > 1e-3  # sample 0 uses adapter a
+        torch.testing.assert_close(changed[1:], first[1:], rtol=0, atol=0)
+        with torch.no_grad():  # adapter a alone on the same padded batch: the reference
+            set_adapter(model, "a")
+            alone = model(**enc).logits
+        torch.testing.assert_close(changed[0], alone[0], rtol=1e-4, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            layer.lora_B_a.sub_(0.5)
+    # An adapter added, used, deleted and added again with other values under the same
+    # name: each forward sees the values the model holds then.
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                adapter="d")
+    randomize_adapters(model, seed=11, std=0.5, adapter="d")
+    with_d = run(["d", "a", None, "b"])
+    from lora_lightning import delete_adapter
+
+    delete_adapter(model, "d")
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                adapter="d")
+    randomize_adapters(model, seed=12, std=0.5, adapter="d")
+    again = run(["d", "a", None, "b"])
+    delete_adapter(model, "d")
+    assert (with_d[0] - again[0]).abs().max() > 1e-3
+    torch.testing.assert_close(again[1:], with_d[1:], rtol=0, atol=0)
