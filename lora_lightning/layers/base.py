@@ -300,7 +300,7 @@ class LoRALayer:
                 delattr(self, attr)
         for attr in ("lora_specs", "lora_active", "merged_adapters", "lora_disabled",
                      "lora_groups", "_merge_state", "_lora_absent_keys", "_lora_hooks",
-                     "_lora_owner_registry"):
+                     "_lora_owner_registry", "_lora_stack"):
             self.__dict__.pop(attr, None)
 
     def adapter_param_names(self, adapter: str | None = None) -> tuple[str, ...]:
