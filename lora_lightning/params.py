@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from torch import nn
@@ -23,17 +24,26 @@ def _unique(model: nn.Module):
             yield p
 
 
+def _numel(p: nn.Parameter) -> int:
+    """How many weights ``p`` holds: a bitsandbytes 4-bit weight packs two per byte, and its
+    quantization state knows the dense shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 def count_parameters(model: nn.Module) -> ParamCount:
-    """Trainable and total parameters of ``model``, each shared tensor counted once.
+    """Trainable and total parameters of ``model``, each shared tensor counted once (a
+    4-bit weight as the dense weight it stands for).
 
     >>> count_parameters(nn.Linear(3, 2))
     ParamCount(trainable=8, total=8, ratio=1.0)
     """
     trainable = total = 0
     for p in _unique(model):
-        total += p.numel()
+        n = _numel(p)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return ParamCount(trainable, total, trainable / total if total else 0.0)
 
 

@@ -47,7 +47,7 @@ def test_lm_lora_experiment_sweeps_full_qv_and_all_linear_on_smollm2_hamlet(tmp_
 
 @pytest.mark.parametrize(("option", "targets", "kind"), [
     ("lm_qv", ["q_proj", "v_proj"], "lora"), ("lm_all_linear", "all-linear", "lora"),
-    ("lm_full", None, "full")])
+    ("lm_qlora", "all-linear", "lora"), ("lm_full", None, "full")])
 def test_lm_lora_options(tmp_path, option, targets, kind):
     cfg = _compose(tmp_path, "model=smollm2", "data=hamlet", f"lora={option}")
     assert cfg.lora.kind == kind
@@ -86,6 +86,17 @@ def test_app_run_on_a_tiny_model_records_perplexity_generations_and_exports(
     assert 0 < result["trainable_ratio"] < 0.2
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["val_ppl_after"] == result["val_ppl_after"]
+
+
+def test_a_qlora_run_exports_a_dense_merged_model_and_a_peft_adapter(tmp_path, tiny_lm_dir):
+    """lora=lm_qlora: the adapted linears train on an NF4 base; the merged export is a plain
+    dense model generating what the live model does, and PEFT on the same 4-bit base gives
+    our logits."""
+    pytest.importorskip("bitsandbytes")
+    result = _run(tmp_path, tiny_lm_dir, "data=hamlet", "lora=lm_qlora")
+    assert result["val_ppl_after"] < result["val_ppl_before"]
+    assert result["merged_generation_equal"] is True
+    assert result["peft_logits_max_abs_diff"] < 1e-4
 
 
 def test_lm_report_tabulates_a_run(tmp_path, tiny_lm_dir, capsys):

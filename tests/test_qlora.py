@@ -98,6 +98,8 @@ def test_quantize_base_replaces_only_adapted_linears_and_matches_the_dequantized
         assert model.fc1.weight.quant_type == kind and model.fc1.weight.compress_statistics
         assert model.fc1.compute_dtype == torch.float32
     assert type(model.head) is nn.Linear and type(model.emb) is nn.Embedding  # stay dense
+    assert report.params.total == sum(p.numel() for p in Net().parameters()) + sum(
+        layer.lora_A.numel() + layer.lora_B.numel() for layer in lora_layers(model).values())
     randomize_adapters(model)
     ref = dense_reference(model, config(kind))
     x = x_input().requires_grad_(True)
@@ -358,6 +360,29 @@ def test_a_tiny_llama_trains_on_a_4bit_base_and_exports_a_plain_model():
         assert_close_fp32(plain(input_ids=ids).logits, want)
 
 
+def test_a_llama_loaded_in_4bit_by_transformers_is_adapted_as_it_is(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quant, device_map="cpu")
+    report = inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert report.by_type == {"Linear4bit": 2}
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B.grad.abs().sum() > 0
+    state = adapter_state_dict(model)
+    assert sorted(state) == sorted(f"model.layers.0.self_attn.{p}_proj.lora_{ab}"
+                                   for p in "qv" for ab in "AB")
+
+
 # -- 7. the benchmark's smoke mode ---------------------------------------------------------
 def test_the_qlora_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
     """``benchmarks/gpu/bench_qlora_gpu.py --device cpu --smoke`` runs
@@ -385,3 +410,18 @@ def test_the_qlora_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
     assert loss_gap < 1e-4
     ratio = float(text.split("frozen linear weights lora / qlora: ", 1)[1].split("x")[0])
     assert ratio > 4  # 4-bit weights plus their quantization state on 64-wide layers
+
+
+def test_a_subclass_of_linear4bit_is_adapted_as_a_4bit_base():
+    """bitsandbytes' ``LinearNF4`` is a ``Linear4bit`` before it is an ``nn.Linear``: the
+    nearest registered type in its MRO adapts it."""
+    net = Net()
+    nf4 = bnb.nn.LinearNF4(64, 64, compute_dtype=torch.float32)
+    from lora_lightning.layers import quantize_weight
+
+    quantize_weight(nf4, net.fc1.weight.detach())
+    nf4.bias = net.fc1.bias
+    net.fc1 = nf4
+    inject_lora(net, config(None, target_modules=["fc1"]))
+    assert isinstance(net.fc1, bnb.nn.LinearNF4) and net.fc1.merge_loss is not None
+    assert_close_fp32(net.fc1.dense_weight(), net.fc1.merged_weight())

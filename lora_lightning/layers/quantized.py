@@ -13,8 +13,10 @@ one imported it), and nothing here imports it before that.
 
 On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for inference the first
 time it runs in eval mode without autograd, and a forward with autograd afterwards fails
-(an in-place add on a leaf). A LoRA layer keeps the weight in its trainable layout (a
-packed one is unpacked when the layer is adapted).
+(an in-place add on a leaf); it also fails to repack a layer with fewer than 32 outputs.
+A layer that carries (or carried) an adapter keeps the weight in its trainable layout: a
+packed one is unpacked when the layer is adapted, and the repacking stays off, also after
+``unload_lora``.
 """
 
 from __future__ import annotations
@@ -116,15 +118,10 @@ class QuantizedLinearLoRA(MatmulLoRA):
     def _lora_setup(self) -> None:
         super()._lora_setup()
         if "support_avx512bf16_for_cpu" in self.__dict__:  # Linear4bit
-            self.__dict__["_lora_bnb_cpu_packing"] = self.support_avx512bf16_for_cpu
+            # kept off after unload_lora too: the repacked layout breaks a later training
+            # step, and bitsandbytes 0.50 fails to repack layers with fewer than 32 outputs
             self.support_avx512bf16_for_cpu = False
             _unpack_cpu_layout(self)
-
-    def _lora_teardown(self) -> None:
-        packing = self.__dict__.pop("_lora_bnb_cpu_packing", None)
-        if packing is not None:
-            self.support_avx512bf16_for_cpu = packing
-        super()._lora_teardown()
 
     def base_2d(self, x2: Tensor) -> Tensor:
         return self.base_forward(x2)
@@ -155,9 +152,6 @@ class QuantizedLinearLoRA(MatmulLoRA):
     def write_weight(self, value: Tensor) -> None:
         quantize_weight(self, value.to(self.base_dtype()))
 
-    def merged_weight(self) -> Tensor:
-        return super().merged_weight().float()
-
     @torch.no_grad()
     def dequantize_base(self, dtype: torch.dtype = torch.float32) -> None:
         """Become a dense ``LoRALinear`` of ``dtype`` with the dequantized weight, adapters
@@ -165,7 +159,7 @@ class QuantizedLinearLoRA(MatmulLoRA):
         from .types import LoRALinear
 
         dense = self.dense_weight().to(dtype)
-        for attr in ("_lora_bnb_cpu_packing", "quant_state", "compute_dtype",
+        for attr in ("quant_state", "compute_dtype",
                      "compute_type_is_set", "quant_storage", "support_avx512bf16_for_cpu",
                      "state", "index"):
             self.__dict__.pop(attr, None)

@@ -374,6 +374,13 @@ def short_name(t: type) -> str:
     return f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else type_name(t)
 
 
+def _nearest_base(t: type) -> type | None:
+    """The registered type nearest to ``t`` in its MRO (bitsandbytes' ``LinearNF4`` is a
+    ``Linear4bit`` before it is an ``nn.Linear``), or ``None``."""
+    bases = [b for b in _TYPES if issubclass(t, b)]
+    return min(bases, key=t.__mro__.index) if bases else None
+
+
 def registered_type(module_type: type) -> type | None:
     """The LoRA type registered for ``module_type`` or its nearest registered base."""
     _register_lazy()
@@ -381,7 +388,8 @@ def registered_type(module_type: type) -> type | None:
         return module_type
     if module_type in _TYPES:
         return _TYPES[module_type]
-    return next((c for b, c in _TYPES.items() if issubclass(module_type, b)), None)
+    base = _nearest_base(module_type)
+    return None if base is None else _TYPES[base]
 
 
 def lora_type_for(module: nn.Module, config: Any) -> type | str:
@@ -393,7 +401,7 @@ def lora_type_for(module: nn.Module, config: Any) -> type | str:
         return t.check_config(config) or t
     cls = _TYPES.get(t)
     if cls is None:
-        base = next((b for b in _TYPES if issubclass(t, b)), None)
+        base = _nearest_base(t)
         if base is None:
             supported = [short_name(b) for b in _TYPES]
             return (f"has type {type_name(t)}, which LoRA does not support; supported types "

@@ -148,11 +148,14 @@ def verify(module: LightningModule, out_dir: str | Path, prompts: list[str],
         if (out / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 
-            if getattr(module, "model_from_path", False):  # as a user would: from the files
-                path = resolve_model_path(module.hparams.get("model_path"))
+            quantized = any(m.merge_loss for m in lora_layers(model).values())
+            if getattr(module, "model_from_path", False) and not quantized:
+                path = resolve_model_path(module.hparams.get("model_path"))  # as a user would
                 base = AutoModelForCausalLM.from_pretrained(str(path))
-            else:  # a model passed in as an object: its base is the model without adapters
-                base = unload_lora(copy.deepcopy(model), merge=False)
+            else:  # a model passed in as an object, or a 4-bit base (QLoRA): the model
+                base = unload_lora(copy.deepcopy(model), merge=False)  # without adapters
+                if quantized:  # PEFT wraps bitsandbytes layers by transformers' flag
+                    base.is_loaded_in_4bit = True
             peft = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).eval()
             ids = module.prompt_ids(prompts[0] if prompts else "Hello")
             ours = model(input_ids=ids).logits
