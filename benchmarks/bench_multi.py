@@ -21,6 +21,12 @@ rotating) and reports medians and the median of the per-round ratios, as
     python benchmarks/bench_multi.py --out benchmarks/multi_adapter.md   # ~5 minutes
     python benchmarks/bench_multi.py --quick                              # ~1 minute
     python benchmarks/bench_multi.py --only llama                         # item 5 alone
+    python benchmarks/bench_multi.py --only ranks                         # item 6 alone
+
+6. Different ranks in one batch, on the Llama-shaped model at 16 x 64: 16 adapters, 12 of
+   r=4 and 4 of r=64 on q_proj and v_proj, one gather + two bmm with ranks padded to 64 (what
+   runs) vs one delta per group of samples (the per-group path LoRALayer keeps for DoRA)
+   vs the base.
 """
 
 from __future__ import annotations
@@ -309,26 +315,74 @@ def bench_llama(rounds: int, shapes=((16, 64), (64, 1)), hidden: int = 512, laye
     return rows
 
 
+def bench_ranks(rounds: int, batch: int = 16, tokens: int = 64) -> list[tuple]:
+    """Item 6 of the module doc: padded bmm vs per-group deltas for mixed ranks."""
+    from lora_lightning.layers.base import LoRALayer
+    from lora_lightning.layers.types import MatmulLoRA
+
+    base = llama()
+    model = copy.deepcopy(base)
+    for i in range(16):
+        r = 64 if i % 4 == 0 else 4
+        inject_lora(model, LoRAConfig(r=r, alpha=2 * r, target_modules=LLAMA_QV),
+                    adapter=f"a{i}")
+        _randomize(model.named_parameters(), i)
+    model.eval()
+    ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    names = [f"a{i % 16}" for i in range(batch)]
+    padded_path = MatmulLoRA._per_sample
+
+    def run(per_group: bool):
+        def go():
+            MatmulLoRA._per_sample = LoRALayer._per_sample if per_group else padded_path
+            try:
+                with torch.inference_mode(), per_sample_adapters(model, names):
+                    return model(input_ids=ids).last_hidden_state
+            finally:
+                MatmulLoRA._per_sample = padded_path
+        return go
+
+    def run_base():
+        with torch.inference_mode():
+            return base(input_ids=ids).last_hidden_state
+
+    agree = (run(False)() - run(True)()).abs().max().item()
+    med, ratio = interleaved({"padded": run(False), "groups": run(True), "base": run_base},
+                             rounds)
+    shape = f"Llama d=512 x4, {batch}x{tokens}, 16 adapters r=4 (12) and r=64 (4)"
+    return [
+        (f"{shape}: padded bmm / base (max abs padded-groups {agree:.1e})",
+         med["padded"] * 1e3, med["base"] * 1e3, ratio[("padded", "base")], "ms", "report"),
+        (f"{shape}: per-group deltas / base", med["groups"] * 1e3, med["base"] * 1e3,
+         ratio[("groups", "base")], "ms", "report"),
+        (f"{shape}: padded / per-group time", med["padded"] * 1e3, med["groups"] * 1e3,
+         ratio[("padded", "groups")], "ms", "report"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["minilm", "llama"],
-                        help="run only the MiniLM items (1-4) or only the Llama one (5)")
+    parser.add_argument("--only", choices=["minilm", "llama", "ranks"],
+                        help="run only the MiniLM items (1-4), the Llama one (5) or the "
+                             "ranks one (6)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rounds = 5 if args.quick else 15
     rows = []
-    if args.only != "llama":
+    if args.only in (None, "minilm"):
         base = minilm()
         rows += bench_switch(base, 200 if not args.quick else 50)
         rows += bench_load(base, rounds)
         rows += bench_mixed(base, rounds, 64 if not args.quick else 16, 32)
         rows += bench_overhead(rounds, 64 if not args.quick else 8, 128)
-    if args.only != "minilm":
+    if args.only in (None, "llama"):
         rows += bench_llama(rounds)
+    if args.only in (None, "ranks"):
+        rows += bench_ranks(rounds)
     lines = ["| measurement | ours | other | ratio | unit | target |", "|---|---:|---:|---:|---|---|"]
     lines += [f"| {m} | {o:.3f} | {t:.3f} | {r:.3f} | {u} | {tgt} |"
               for m, o, t, r, u, tgt in rows]
