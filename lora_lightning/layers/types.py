@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import LayerTypeError
 from .base import LoRALayer, type_name
+from .fused import linear_lora
 
 __all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAEmbedding", "LoRALayer", "LoRALinear",
            "hf_conv1d_type", "layer_types", "lora_type_for", "register_layer_type"]
@@ -60,6 +61,34 @@ class MatmulLoRA(LoRALayer):
 
     all_linear = True
     can_fold = True
+    can_fuse = True
+
+    def fusable(self, x: Tensor, name: str) -> bool:
+        """Whether :func:`~lora_lightning.layers.fused.linear_lora` can compute this forward:
+        a plain dense frozen base (a quantized or trainable base takes the plain ops) and one
+        dtype for input, weights and adapter, or autocast, which casts them all."""
+        w = self.base_weight()
+        if type(w) not in (Tensor, nn.Parameter) or w.requires_grad or not w.is_floating_point():
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return True
+        a, b = self._ab(name)
+        return (x.dtype == w.dtype == a.dtype == b.dtype
+                and (self.bias is None or self.bias.dtype == w.dtype))
+
+    def fused_forward(self, x: Tensor, name: str) -> Tensor:
+        spec = self.lora_specs[name]
+        a, b = self._ab(name)
+        w, bias = self.out_first(self.base_weight()), self.bias
+        x2 = x.reshape(-1, x.shape[-1])
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # cast as autocast casts F.linear's arguments
+            dtype = torch.get_autocast_dtype(device)
+            x2, w, a, b = (t.to(dtype) for t in (x2, w, a, b))
+            bias = None if bias is None else bias.to(dtype)
+        p = spec.dropout if self.training else 0.0
+        out = linear_lora(x2, w, bias, a, b, spec.scaling, p)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def folded_forward(self, x, weight):
         x2 = x.reshape(-1, x.shape[-1])
