@@ -13,9 +13,20 @@ rotating) and reports medians and the median of the per-round ratios, as
    r=8: ours (``per_sample_adapters``) vs PEFT (``adapter_names=``) vs the base model alone.
 4. Unmerged single-adapter inference vs the plain base model: 12 x Linear(512), batch
    64 x 128, r=8 on every layer (the adapter adds about 3% of the FLOPs).
+5. A Llama-shaped model (``LlamaModel`` from a config: d=512, 4 layers, MLP 1376, random
+   weights) with 16 adapters r=16 on q_proj and v_proj, at 16 x 64 (prefill) and 64 x 1
+   (one decode step): a mixed batch, ours vs PEFT's ``adapter_names=`` vs the base, and one
+   unmerged adapter (the q,v one, and an all-linear r=16 one) vs the base (issue 22).
 
-    python benchmarks/bench_multi.py --out benchmarks/multi_adapter.md   # ~3 minutes
-    python benchmarks/bench_multi.py --quick                              # ~30 s
+    python benchmarks/bench_multi.py --out benchmarks/multi_adapter.md   # ~5 minutes
+    python benchmarks/bench_multi.py --quick                              # ~1 minute
+    python benchmarks/bench_multi.py --only llama                         # item 5 alone
+    python benchmarks/bench_multi.py --only ranks                         # item 6 alone
+
+6. Different ranks in one batch, on the Llama-shaped model at 16 x 64: 16 adapters, 12 of
+   r=4 and 4 of r=64 on q_proj and v_proj, one gather + two bmm with ranks padded to 64 (what
+   runs) vs one delta per group of samples (the per-group path LoRALayer keeps for DoRA)
+   vs the base.
 """
 
 from __future__ import annotations
@@ -216,20 +227,162 @@ def bench_overhead(rounds, batch, tokens):
              med["ours"] * 1e3, med["base"] * 1e3, ratio[("ours", "base")], "ms", "<= 1.08")]
 
 
+LLAMA_QV = ["q_proj", "v_proj"]
+
+
+def llama(hidden: int = 512, layers: int = 4) -> nn.Module:
+    """A Llama-shaped decoder stack with random weights (no LM head: the adapters never
+    touch it, and a 32k-vocabulary head would only dilute every ratio)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=1376,
+                         num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, max_position_embeddings=256)
+    return LlamaModel(config).eval()
+
+
+def llama_adapters(base: nn.Module, n: int, targets, r: int = 16) -> nn.Module:
+    model = copy.deepcopy(base)
+    for i in range(n):
+        inject_lora(model, LoRAConfig(r=r, alpha=2 * r, target_modules=targets),
+                    adapter=f"a{i}")
+        _randomize(model.named_parameters(), i)
+    return model.eval()
+
+
+def llama_peft(base: nn.Module, n: int, ours: nn.Module, r: int = 16):
+    import peft
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_QV, lora_dropout=0.0)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", cfg)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                layer, ab, adapter = name[len("base_model.model."):].rsplit(".", 3)[:3]
+                p.copy_(mine[f"{layer}.{ab}_{adapter}"])
+    return model.eval()
+
+
+def bench_llama(rounds: int, shapes=((16, 64), (64, 1)), hidden: int = 512, layers: int = 4,
+                adapters: int = 16) -> list[tuple]:
+    """Item 5 of the module doc: mixed, PEFT mixed, single q,v, single all-linear, base."""
+    base = llama(hidden, layers)
+    ours = llama_adapters(base, adapters, LLAMA_QV)
+    theirs = llama_peft(base, adapters, ours)
+    single = llama_adapters(base, 1, "all-linear")
+    set_adapter(ours, "a0")
+    rows = []
+    for batch, tokens in shapes:
+        ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(1))
+        names = [f"a{i % adapters}" for i in range(batch)]
+
+        def fwd(model, ids=ids, **kw):
+            def go():
+                with torch.inference_mode():
+                    return model(input_ids=ids, **kw).last_hidden_state
+            return go
+
+        def mixed(ids=ids, names=names):
+            with torch.inference_mode(), per_sample_adapters(ours, names):
+                return ours(input_ids=ids).last_hidden_state
+
+        variants = {"mixed": mixed, "peft": fwd(theirs, adapter_names=names),
+                    "single_qv": fwd(ours), "single_all": fwd(single), "base": fwd(base)}
+        agree = (variants["mixed"]() - variants["peft"]()).abs().max().item()
+        moved = (variants["mixed"]() - variants["base"]()).abs().max().item()
+        assert moved > 1e-3, "the adapters changed nothing: the comparison would be vacuous"
+        med, ratio = interleaved(variants, rounds)
+        shape = f"Llama d={hidden} x{layers}, {batch}x{tokens}"
+        target = "<= 1.15" if tokens > 1 else "<= 1.3"
+        rows += [
+            (f"{shape}, {adapters} adapters mixed: ours / base (max abs ours-PEFT "
+             f"{agree:.1e}, ours-base {moved:.1e})", med["mixed"] * 1e3, med["base"] * 1e3,
+             ratio[("mixed", "base")], "ms", target),
+            (f"{shape}, {adapters} adapters mixed: PEFT adapter_names / base",
+             med["peft"] * 1e3, med["base"] * 1e3, ratio[("peft", "base")], "ms", "report"),
+            (f"{shape}, {adapters} adapters mixed: PEFT / ours time", med["mixed"] * 1e3,
+             med["peft"] * 1e3, ratio[("peft", "mixed")], "ms", ">= 1"),
+            (f"{shape}, one unmerged adapter (q,v r=16): ours / base", med["single_qv"] * 1e3,
+             med["base"] * 1e3, ratio[("single_qv", "base")], "ms", "<= 1.05"),
+            (f"{shape}, one unmerged adapter (all-linear r=16): ours / base",
+             med["single_all"] * 1e3, med["base"] * 1e3, ratio[("single_all", "base")], "ms",
+             "<= 1.05"),
+        ]
+    return rows
+
+
+def bench_ranks(rounds: int, batch: int = 16, tokens: int = 64) -> list[tuple]:
+    """Item 6 of the module doc: padded bmm vs per-group deltas for mixed ranks."""
+    from lora_lightning.layers.base import LoRALayer
+    from lora_lightning.layers.types import MatmulLoRA
+
+    base = llama()
+    model = copy.deepcopy(base)
+    for i in range(16):
+        r = 64 if i % 4 == 0 else 4
+        inject_lora(model, LoRAConfig(r=r, alpha=2 * r, target_modules=LLAMA_QV),
+                    adapter=f"a{i}")
+        _randomize(model.named_parameters(), i)
+    model.eval()
+    ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    names = [f"a{i % 16}" for i in range(batch)]
+    padded_path = MatmulLoRA._per_sample
+
+    def run(per_group: bool):
+        def go():
+            MatmulLoRA._per_sample = LoRALayer._per_sample if per_group else padded_path
+            try:
+                with torch.inference_mode(), per_sample_adapters(model, names):
+                    return model(input_ids=ids).last_hidden_state
+            finally:
+                MatmulLoRA._per_sample = padded_path
+        return go
+
+    def run_base():
+        with torch.inference_mode():
+            return base(input_ids=ids).last_hidden_state
+
+    agree = (run(False)() - run(True)()).abs().max().item()
+    med, ratio = interleaved({"padded": run(False), "groups": run(True), "base": run_base},
+                             rounds)
+    shape = f"Llama d=512 x4, {batch}x{tokens}, 16 adapters r=4 (12) and r=64 (4)"
+    return [
+        (f"{shape}: padded bmm / base (max abs padded-groups {agree:.1e})",
+         med["padded"] * 1e3, med["base"] * 1e3, ratio[("padded", "base")], "ms", "report"),
+        (f"{shape}: per-group deltas / base", med["groups"] * 1e3, med["base"] * 1e3,
+         ratio[("groups", "base")], "ms", "report"),
+        (f"{shape}: padded / per-group time", med["padded"] * 1e3, med["groups"] * 1e3,
+         ratio[("padded", "groups")], "ms", "report"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", choices=["minilm", "llama", "ranks"],
+                        help="run only the MiniLM items (1-4), the Llama one (5) or the "
+                             "ranks one (6)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rounds = 5 if args.quick else 15
-    base = minilm()
-    rows = bench_switch(base, 200 if not args.quick else 50)
-    rows += bench_load(base, rounds)
-    rows += bench_mixed(base, rounds, 64 if not args.quick else 16, 32)
-    rows += bench_overhead(rounds, 64 if not args.quick else 8, 128)
+    rows = []
+    if args.only in (None, "minilm"):
+        base = minilm()
+        rows += bench_switch(base, 200 if not args.quick else 50)
+        rows += bench_load(base, rounds)
+        rows += bench_mixed(base, rounds, 64 if not args.quick else 16, 32)
+        rows += bench_overhead(rounds, 64 if not args.quick else 8, 128)
+    if args.only in (None, "llama"):
+        rows += bench_llama(rounds)
+    if args.only in (None, "ranks"):
+        rows += bench_ranks(rounds)
     lines = ["| measurement | ours | other | ratio | unit | target |", "|---|---:|---:|---:|---|---|"]
     lines += [f"| {m} | {o:.3f} | {t:.3f} | {r:.3f} | {u} | {tgt} |"
               for m, o, t, r, u, tgt in rows]

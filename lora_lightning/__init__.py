@@ -47,6 +47,7 @@ from .errors import (
 )
 from .inject import InjectionReport, inject_lora, lora_layers
 from .io.adapter_files import load_adapter, load_adapters, read_adapter, save_adapter, save_adapters
+from .io.hotswap import hotswap_adapter
 from .io.safe_load import read_checkpoint
 from .layers import LoRALayer, LoRAVariant, layer_types, register_layer_type
 from .merge import disable_adapters, merge_lora, merged_state_dict, unload_lora, unmerge_lora
@@ -123,6 +124,7 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "hotswap_adapter",
     "inject_lora",
     "layer_types",
     "list_adapters",

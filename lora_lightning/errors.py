@@ -138,10 +138,16 @@ class PerSampleBatchError(LoRAError, ValueError):
 
     def __init__(self, names: int, batch: int, layer: str) -> None:
         self.names, self.batch, self.layer = names, batch, layer
+        hint = ""
+        if names and batch > names and batch % names == 0:
+            k = batch // names
+            hint = (f" If each sample became {k} rows (generate with num_beams={k} or "
+                    f"num_return_sequences={k} repeats each one {k} times), repeat each name "
+                    f"as many times: [n for n in names for _ in range({k})].")
         super().__init__(
             f"per_sample_adapters: adapter_names has {names} entries but {layer!r} received "
             f"a batch of {batch} samples; give one name (or None for the base model) per "
-            "sample, batch dimension first.")
+            f"sample, batch dimension first.{hint}")
 
 
 class CheckpointMismatchError(LoRAError, ValueError):

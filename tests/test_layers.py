@@ -28,6 +28,8 @@ from lora_lightning import (
     unload_lora,
     unmerge_lora,
 )
+from lora_lightning.layers import fused
+from lora_lightning.layers import types as layer_types
 
 try:  # transformers is optional: without it only the HF Conv1D cases skip
     from transformers.pytorch_utils import Conv1D
@@ -300,6 +302,8 @@ def test_dropout_feeds_only_the_adapter_path(dora, monkeypatch):
         return inp * mask
 
     monkeypatch.setattr(F, "dropout", fixed_dropout)
+    # the fused Linear path draws a boolean keep-mask instead (scaled by 1 / (1 - p))
+    monkeypatch.setattr(fused, "dropout_mask", lambda inp, p: (mask > 0).expand_as(inp))
     xd = x * mask
     w, a, b = layer.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
     s = ref_scaling(cfg)
@@ -338,12 +342,21 @@ def test_no_dropout_means_no_copy_of_the_input(layer_name, variant, mode, monkey
             seen.append(inp)
         return real_linear(inp, weight, *args, **kwargs)
 
+    real_fused = layer_types.linear_lora
+
+    def fused_spy(inp, *args):
+        # The one-node Linear/Conv1D path (training): its input goes to A as it is.
+        seen.append(inp)
+        return real_fused(inp, *args)
+
     def no_dropout(*args, **kwargs):
         raise AssertionError("F.dropout called with dropout=0")
 
     monkeypatch.setattr(layer, "lora_forward", spy)
     monkeypatch.setattr(F, "linear", linear_spy)
+    monkeypatch.setattr(layer_types, "linear_lora", fused_spy)
     monkeypatch.setattr(F, "dropout", no_dropout)
+    monkeypatch.setattr(fused, "dropout_mask", no_dropout)
     model(x)
     # The adapter saw x itself, or a view of x's memory (a reshape of a contiguous x):
     # never a copy.
@@ -364,7 +377,14 @@ def test_dropout_is_called_in_train_mode_only(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
+    real_mask = fused.dropout_mask
+
+    def counting_mask(*args, **kwargs):  # the fused Linear path's own draw
+        calls.append(1)
+        return real_mask(*args, **kwargs)
+
     monkeypatch.setattr(F, "dropout", counting)
+    monkeypatch.setattr(fused, "dropout_mask", counting_mask)
     model.eval()
     model(x)
     assert calls == []

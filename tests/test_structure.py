@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_lightning"
 # The Lightning side (and the Hydra app on top of it); everything else is the core.
-LIGHTNING_SIDE = ("lightning", "train", "app", "examples")
+LIGHTNING_SIDE = ("lightning", "train", "app", "examples", "serve")
 # What each part of the package may import from the package (by first name component).
 # The core's top-level modules (config, errors, plan, inject, merge, adapters, registry,
 # combine, optim, params, summary) sit on ``layers``; ``checkpoint`` and ``io`` sit on them.

@@ -300,7 +300,7 @@ class LoRALayer:
                 delattr(self, attr)
         for attr in ("lora_specs", "lora_active", "merged_adapters", "lora_disabled",
                      "lora_groups", "_merge_state", "_lora_absent_keys", "_lora_hooks",
-                     "_lora_owner_registry"):
+                     "_lora_owner_registry", "_lora_stack"):
             self.__dict__.pop(attr, None)
 
     def adapter_param_names(self, adapter: str | None = None) -> tuple[str, ...]:
@@ -369,6 +369,18 @@ class LoRALayer:
         the base matmul plus two skinny ones (``FOLD_MIN_ROWS``)."""
         raise NotImplementedError
 
+    can_fuse: ClassVar[bool] = False
+    """Whether :meth:`fused_forward` exists (matmul types): one adapter in training as one
+    autograd node (``layers/fused.py``), where :meth:`fusable` allows it."""
+
+    def fusable(self, x: Tensor, name: str) -> bool:
+        """Whether :meth:`fused_forward` can run adapter ``name`` on ``x``."""
+        return False
+
+    def fused_forward(self, x: Tensor, name: str) -> Tensor:
+        """Base output plus one plain adapter's update, with one autograd node."""
+        raise NotImplementedError
+
     def base_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The base module's own forward."""
         return self._lora_base_class.forward(self, x, *args, **kwargs)
@@ -416,6 +428,8 @@ class LoRALayer:
                 and x.numel() >= FOLD_MIN_ROWS * x.shape[-1]
                 and not (spec.dropout > 0.0 and self.training)):
             return "folded"
+        if self.can_fuse and torch.is_grad_enabled() and self.fusable(x, names[0]):
+            return "fused"
         return "in_place"
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -427,6 +441,8 @@ class LoRALayer:
             return self.base_forward(x, *args, **kwargs)
         if route == "folded":
             return self.folded_forward(x, self.out_first(self.combined_weight(names)))
+        if route == "fused":
+            return self.fused_forward(x, names[0])
         if route == "in_place":
             return self._add_in_place(x, names[0])
         result = self.base_forward(x, *args, **kwargs)

@@ -37,9 +37,16 @@ from torch import Tensor, nn
 
 from ..errors import LayerTypeError
 from .base import LoRALayer, type_name
+from .fused import linear_lora
 
 __all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAEmbedding", "LoRALayer", "LoRALinear",
            "hf_conv1d_type", "layer_types", "lora_type_for", "register_layer_type"]
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Two stack keys agree: the same tensor objects, in the same state."""
+    return (len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0], strict=True))
+            and a[1:] == b[1:])
 
 
 class MatmulLoRA(LoRALayer):
@@ -54,6 +61,34 @@ class MatmulLoRA(LoRALayer):
 
     all_linear = True
     can_fold = True
+    can_fuse = True
+
+    def fusable(self, x: Tensor, name: str) -> bool:
+        """Whether :func:`~lora_lightning.layers.fused.linear_lora` can compute this forward:
+        a plain dense frozen base (a quantized or trainable base takes the plain ops) and one
+        dtype for input, weights and adapter, or autocast, which casts them all."""
+        w = self.base_weight()
+        if type(w) not in (Tensor, nn.Parameter) or w.requires_grad or not w.is_floating_point():
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return True
+        a, b = self._ab(name)
+        return (x.dtype == w.dtype == a.dtype == b.dtype
+                and (self.bias is None or self.bias.dtype == w.dtype))
+
+    def fused_forward(self, x: Tensor, name: str) -> Tensor:
+        spec = self.lora_specs[name]
+        a, b = self._ab(name)
+        w, bias = self.out_first(self.base_weight()), self.bias
+        x2 = x.reshape(-1, x.shape[-1])
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # cast as autocast casts F.linear's arguments
+            dtype = torch.get_autocast_dtype(device)
+            x2, w, a, b = (t.to(dtype) for t in (x2, w, a, b))
+            bias = None if bias is None else bias.to(dtype)
+        p = spec.dropout if self.training else 0.0
+        out = linear_lora(x2, w, bias, a, b, spec.scaling, p)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def folded_forward(self, x, weight):
         x2 = x.reshape(-1, x.shape[-1])
@@ -76,22 +111,58 @@ class MatmulLoRA(LoRALayer):
                 or any(self.lora_specs[n].variant is not None for n, _ in groups)
                 or (self.training and any(self.lora_specs[n].dropout for n, _ in groups))):
             return super()._per_sample(x, result)
-        rank = max(self.lora_specs[n].r for n, _ in groups)
-        slot = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        a_parts, b_parts = [], []
-        for k, (name, idx) in enumerate(groups, start=1):
-            a, b = self._ab(name)
-            pad = rank - a.shape[0]
-            a_parts.append(F.pad(a, (0, 0, 0, pad)).t())  # (in, rank)
-            b_parts.append(F.pad(b * self.lora_specs[name].scaling, (0, pad)).t())  # (rank, out)
-            slot[idx] = k
-        a_all = torch.stack([torch.zeros_like(a_parts[0]), *a_parts])  # (K + 1, in, rank)
-        b_all = torch.stack([torch.zeros_like(b_parts[0]), *b_parts])  # (K + 1, rank, out)
+        slot, a_all, b_all = self._stacked(groups, x)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         x3 = x3 if x3.dtype == a_all.dtype else x3.to(a_all.dtype)
         update = torch.bmm(torch.bmm(x3, a_all.index_select(0, slot)),
                            b_all.index_select(0, slot))
         return result + update.reshape(result.shape).to(result.dtype)
+
+    def _stacked(self, groups: list[tuple[str, Tensor]], x: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each sample's slot, and the stacked A (K + 1, in, rank) and scaled B
+        (K + 1, rank, out): slot 0 is all zeros, ranks are padded to the largest.
+
+        Without grad, the stack holds every plain adapter of the layer and is kept on the
+        layer between forwards and between ``per_sample_adapters`` blocks (a server's
+        batches and a ``generate()``'s decode steps only gather from it); it is rebuilt
+        when an adapter is added, removed or changed (an in-place write bumps the tensor's
+        version), moved or cast. With grad it is built from this batch's adapters on each
+        call, so gradients reach them."""
+        if torch.is_grad_enabled():
+            names = [n for n, _ in groups]
+        else:
+            names = [n for n, spec in self.lora_specs.items() if spec.variant is None]
+        # The key holds the tensors themselves (compared by identity), so none of them
+        # can be freed and its memory reused by a new adapter while the stack exists.
+        tensors = tuple(t for n in names for t in self._ab(n))
+        key = (tensors, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
+               tuple(self.lora_specs[n].scaling for n in names))
+        cached = self.__dict__.get("_lora_stack")
+        if cached is None or not _same_key(cached[0], key) or torch.is_grad_enabled():
+            rank = max(self.lora_specs[n].r for n in names)
+            a_parts, b_parts = [], []
+            for name in names:
+                a, b = self._ab(name)
+                pad = rank - a.shape[0]
+                a_parts.append(F.pad(a, (0, 0, 0, pad)).t())  # (in, rank)
+                b_parts.append(F.pad(b * self.lora_specs[name].scaling, (0, pad)).t())
+            a_all = torch.stack([torch.zeros_like(a_parts[0]), *a_parts])  # (K+1, in, rank)
+            b_all = torch.stack([torch.zeros_like(b_parts[0]), *b_parts])  # (K+1, rank, out)
+            cached = (key, {n: k for k, n in enumerate(names, start=1)}, a_all, b_all, None)
+            if not torch.is_grad_enabled():  # tensors built with grad would hold their graph
+                self.__dict__["_lora_stack"] = cached
+        key, position, a_all, b_all, slots = cached
+        if slots is not None and slots[0] is self.lora_groups and slots[1].device == x.device:
+            return slots[1], a_all, b_all
+        slot = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for name, idx in groups:
+            slot[idx] = position[name]
+        if self.__dict__.get("_lora_stack") is cached:
+            # The slots hold for the rest of this block (the groups list is the block's).
+            self.__dict__["_lora_stack"] = (key, position, a_all, b_all,
+                                            (self.lora_groups, slot))
+        return slot, a_all, b_all
 
     def lora_forward(self, x, a, b):
         return F.linear(F.linear(x, a), b)

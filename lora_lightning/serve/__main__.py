@@ -1,0 +1,50 @@
+"""``python -m lora_lightning.serve --model <folder> --adapters <folder> --port 8000``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lora_lightning.serve",
+        description="Serve a transformers model with many LoRA adapters over HTTP: each "
+                    "request names its adapter, concurrent requests run as one batch.")
+    p.add_argument("--model", required=True,
+                   help="a transformers folder (save_pretrained) of a *ForSequenceClassification "
+                        "or *ForCausalLM model, with its tokenizer")
+    p.add_argument("--adapters", default=None,
+                   help="a folder whose subfolders are adapter directories (save_adapter or "
+                        "PEFT); each is served under its subfolder's name")
+    p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
+                   help="127.0.0.1 (default) keeps the server, whose /adapters routes load "
+                        "files from this machine, local")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="LitServe's dynamic batching: most requests in one batch")
+    p.add_argument("--batch-timeout", type=float, default=0.01,
+                   help="seconds a batch waits to fill up")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="causal LM: default and largest max_new_tokens a request may ask")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--log-level", default="warning")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from .engine import adapter_dirs, folder_task
+    from .server import build_server
+
+    task = folder_task(args.model)
+    if args.adapters is not None:
+        adapter_dirs(args.adapters)  # a missing folder fails here, not in the worker
+    server = build_server(args.model, args.adapters, task, max_batch_size=args.max_batch_size,
+                          batch_timeout=args.batch_timeout, max_new_tokens=args.max_new_tokens,
+                          accelerator=args.accelerator)
+    server.run(host=args.host, port=args.port, log_level=args.log_level,
+               generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()
