@@ -113,6 +113,7 @@ class QuantizedLinearLoRA(MatmulLoRA):
     The base computes in its compute dtype; adapters default to float32."""
 
     can_fold = False  # the base product stays bitsandbytes' own op
+    can_fuse = False  # layers/fused.py takes a dense weight; a 4-bit one runs the plain ops
     merge_loss = LOSS_4BIT
 
     def _lora_setup(self) -> None:
