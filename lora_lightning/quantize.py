@@ -10,7 +10,8 @@ Embeddings always stay dense.
 Each ``nn.Linear`` is replaced by a bitsandbytes ``Linear4bit`` (``"nf4"`` or ``"fp4"``,
 double quantization, blocks of 64) or ``Linear8bitLt`` (``"int8"``) computing in the
 layer's own dtype (float32 adapters by the adapter-dtype rule); its bias is kept as the
-same parameter. Quantizing is deterministic, so the same pretrained base quantized again
+same parameter. The module object is replaced, so hooks registered on the old one do not
+follow it (register them after injection). Quantizing is deterministic, so the same pretrained base quantized again
 gives the same bytes. Before a weight is replaced, a summary of its dense values is kept
 on the module: the base fingerprint of checkpoints reads it, so a QLoRA checkpoint names
 the dense pretrained base it was trained on (and loads onto it, quantized again).
