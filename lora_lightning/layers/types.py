@@ -123,10 +123,9 @@ class MatmulLoRA(LoRALayer):
         when an adapter is added, removed or changed (an in-place write bumps the tensor's
         version), moved or cast. With grad it is built from this batch's adapters on each
         call, so gradients reach them."""
-        if torch.is_grad_enabled():
-            names = [n for n, _ in groups]
-        else:
-            names = [n for n, spec in self.lora_specs.items() if spec.variant is None]
+        names = [n for n, spec in self.lora_specs.items() if spec.variant is None]
+        if torch.is_grad_enabled() or len({self._ab(n)[0].dtype for n in names}) > 1:
+            names = [n for n, _ in groups]  # only this batch's (one dtype, as before)
         # The key holds the tensors themselves (compared by identity), so none of them
         # can be freed and its memory reused by a new adapter while the stack exists.
         tensors = tuple(t for n in names for t in self._ab(n))
