@@ -290,6 +290,7 @@ class LoRALayer:
             delattr(self, attr)
         del self.lora_specs[name]
         self.lora_active = [n for n in self.lora_active if n != name]
+        self.__dict__.pop("_lora_stack", None)  # MatmulLoRA's stack holds its tensors
 
     def _lora_teardown(self) -> None:
         """Remove every adapter's parameters and the hooks (the class swap is the caller's)."""
