@@ -180,7 +180,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
     reg.configs[adapter] = config
     for name in plan.new:
         model.get_submodule(name).__dict__[OWNER_ATTR] = reg
-    assign_heads(model, adapter, plan.saved)
+    assign_heads(model, adapter, plan.saved, config.adapter_dtype)
     activate(model, [adapter])
     _freeze(model, plan, adapter)
     block_fast_paths(model)
