@@ -64,8 +64,9 @@ def test_16_mixed_trains_float32_adapters_and_head_on_a_float16_base(tmp_path):
     trainer.save_checkpoint(path)
     loaded = load_lora_checkpoint(Module().to(torch.float16), path).cuda()
     x = torch.randn(8, 8, device="cuda", dtype=torch.float16)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x).float(), module.eval()(x).float())
+    with torch.no_grad():  # the same values on the same device (fit ends on the CPU)
+        torch.testing.assert_close(loaded(x).float(), module.eval().cuda()(x).float(),
+                                   rtol=1e-3, atol=1e-3)
 
 
 def test_16_mixed_refuses_float16_adapters_naming_the_fix(tmp_path):
