@@ -109,6 +109,12 @@ class SavedModule:
         out = super().forward(*_cast(args, dtype), **_cast(kwargs, dtype))  # type: ignore[misc]
         return _cast(out, self._saved_base_dtype)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time: pickle (``torch.save(model)``, spawned processes)
+        # names the module's own type and rebuilds the subclass from it.
+        _, _, *rest = super().__reduce_ex__(protocol)  # type: ignore[misc]
+        return (_new_saved, (self._saved_base_class,), *rest)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # What a tensor of the base dtype becomes under ``fn`` (``module.to(bfloat16)``,
         # ``.half()``, a device move) is the new base dtype; the head then goes back to the
@@ -134,6 +140,12 @@ def _saved_class(cls: type[nn.Module]) -> type:
         _CLASSES[cls] = type(f"{cls.__name__}ToSave", (SavedModule, cls),
                              {"_saved_base_class": cls, "__module__": __name__})
     return _CLASSES[cls]
+
+
+def _new_saved(base: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``base``'s :class:`SavedModule` class (unpickling fills it)."""
+    cls = _saved_class(base)
+    return cls.__new__(cls)
 
 
 def saved_dtype_for(module: nn.Module, rule: str | None) -> torch.dtype | None:

@@ -257,3 +257,18 @@ def test_converting_the_model_never_rounds_float32_adapters_or_heads():
     for n, p in model.named_parameters():
         if n in before:
             assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n]), n
+
+
+def test_a_model_with_a_float32_head_pickles_and_copies():
+    """The head's class is made at run time; ``torch.save(model)`` and deepcopy rebuild it."""
+    import io
+
+    model, _ = injected()
+    randomize(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert type(other.head) is type(model.head) and other.head.weight.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(other(X), model(X))
