@@ -272,3 +272,15 @@ def test_a_model_with_a_float32_head_pickles_and_copies():
         assert type(other.head) is type(model.head) and other.head.weight.dtype == torch.float32
         with torch.no_grad():
             assert torch.equal(other(X), model(X))
+
+
+def test_lora_on_another_adapter_s_float32_head_is_refused_naming_the_fix():
+    from lora_lightning.errors import UnsupportedModuleError
+
+    model, _ = injected()
+    with pytest.raises(UnsupportedModuleError, match="adapter_dtype='base'"):
+        inject_lora(model, LoRAConfig(r=2, target_modules=["head"]), adapter="other")
+    assert model.head.weight.dtype == torch.float32 and "other" not in model.head.__dict__
+    plain, _ = injected("base")  # a head in the base's dtype takes an adapter
+    inject_lora(plain, LoRAConfig(r=2, target_modules=["head"]), adapter="other")
+    assert plain.head.lora_A_other.dtype == BF16

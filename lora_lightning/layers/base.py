@@ -136,7 +136,9 @@ class LoRALayer:
     def check_module(cls, module: nn.Module, config: Any) -> str | None:
         """Why ``module`` cannot carry an adapter of ``config`` (worded to follow the
         module's name in a sentence), or ``None`` if it can."""
-        t, base = type(module), cls._lora_base_class
+        # a modules_to_save copy (``heads.SavedModule``) counts as its own type
+        t = getattr(type(module), "_saved_base_class", type(module))
+        base = cls._lora_base_class
         own = [m for m in cls.overridable if hasattr(base, m)
                and getattr(t, m) is not getattr(base, m)]
         if t is not base and own and not issubclass(t, LoRALayer):
