@@ -391,8 +391,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--root", type=Path, default=Path("/tmp/issue19_check"),
                     help="checkpoints and adapter directories (not $OUT: they are large)")
-    ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--mode-timeout-s", type=float, default=90)
+    ap.add_argument("--budget-s", type=float, default=200)
+    ap.add_argument("--mode-timeout-s", type=float, default=75)
     ap.add_argument("--smoke", action="store_true",
                     help="--size tiny --device cpu --steps 3: the single-device modes in seconds")
     args = ap.parse_args()

@@ -11,6 +11,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch,peft,transformers,lightning;print('versions',torch.__version__,peft.__version__,transformers.__version__,lightning.__version__)"
-timeout ${PYTEST_S:-90} $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
-timeout ${CHECK_S:-250} $PY benchmarks/gpu/check_issue19.py --budget-s ${BUDGET_S:-230} "$@" \
+timeout ${PYTEST_S:-60} $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+timeout ${CHECK_S:-215} $PY benchmarks/gpu/check_issue19.py --budget-s ${BUDGET_S:-200} "$@" \
   2>&1 | grep -E '^\{' | tee "$OUT/issue19.jsonl"
