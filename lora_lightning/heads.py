@@ -106,6 +106,8 @@ class SavedModule:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         dtype = self.saved_dtype()
+        if dtype == self._saved_base_dtype:  # kept in the base's dtype: the module as it is
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
         out = super().forward(*_cast(args, dtype), **_cast(kwargs, dtype))  # type: ignore[misc]
         return _cast(out, self._saved_base_dtype)
 

@@ -284,3 +284,15 @@ def test_lora_on_another_adapter_s_float32_head_is_refused_naming_the_fix():
     plain, _ = injected("base")  # a head in the base's dtype takes an adapter
     report = inject_lora(plain, LoRAConfig(r=2, target_modules=["head"]), adapter="other")
     assert report.injected == ["head"] and plain(X).dtype == BF16
+
+
+def test_on_a_float32_base_a_head_under_autocast_gives_what_the_plain_head_gives():
+    """Nothing to cast back where the head keeps the base's dtype: under bf16 autocast the
+    head's output stays bf16, as the plain module's."""
+    base = Net()
+    model = copy.deepcopy(base)
+    inject_lora(model, LoRAConfig(r=2, target_modules=["fc"], modules_to_save=["head"]))
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        got, want = model.head(x), base.head(x)
+    assert got.dtype == want.dtype == BF16 and torch.equal(got, want)
