@@ -12,8 +12,9 @@ take it along). Where it needs another dtype than the base's at injection, it is
 of the module (as PEFT's ``ModulesToSaveWrapper`` copies it: a weight it shared with
 another module is no longer shared). The subclass
 
-* casts floating-point inputs to its dtype and floating-point outputs back to the base's,
-  so the layers after it get what the base head would have given them (under autocast, an
+* where its dtype is not the base's, casts floating-point inputs to its dtype and
+  floating-point outputs back to the base's (elsewhere it runs as the plain module), so
+  the layers after it get what the base head would have given them (under autocast, an
   op autocast runs in float32, such as ``LayerNorm``, then gives the base dtype where the
   base head gave float32: the layers after it work either way);
 * keeps its dtype when the model is converted (``model.to(torch.bfloat16)``, Lightning's
@@ -22,8 +23,11 @@ another module is no longer shared). The subclass
 
 Its state-dict keys are the module's own. The copies from before any adapter
 (``AdapterRegistry.pristine``, for samples without an adapter and ``disable_adapters``)
-stay plain modules of the base dtype. A merged export and :func:`~lora_lightning.merge.unload_lora`
-cast a head once to the base dtype (:func:`plain_head`), as merged weights are.
+stay plain modules of the base dtype. A merged export and
+:func:`~lora_lightning.merge.unload_lora` cast a head once to the base dtype
+(:func:`plain_head`), as merged weights are. A LoRA adapter on another adapter's head
+turns it plain first; where the head is kept in another dtype than the base's, the
+planner refuses it (a LoRA layer computes in its base weight's dtype).
 """
 
 from __future__ import annotations
