@@ -338,6 +338,8 @@ def run_mode(mode: str, size: str, device: str, steps: int, root: Path) -> None:
         emit(mode=mode, step="peft", ok=rel < 2e-2, max_rel_diff=round(rel, 5))
     except Exception as err:  # noqa: BLE001
         emit(mode=mode, step="peft", ok=False, error=repr(err)[:800])
+    # a whole-model "adapter-only" checkpoint is 4 GB: free the disk for the next mode
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # -- the driver ----------------------------------------------------------------------------
