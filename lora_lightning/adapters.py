@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MergedLayersError, PerSampleBatchError, PerSampleError
+from .heads import as_saved, saved_dtype_for
 from .layers import unblock_fast_paths
 from .registry import (
     REGISTRY_ATTR,
@@ -93,12 +94,15 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     activate(model, names)
 
 
-def assign_heads(model: nn.Module, adapter: str, saved: Sequence[str]) -> None:
+def assign_heads(model: nn.Module, adapter: str, saved: Sequence[str],
+                 dtype_rule: str | None = None) -> None:
     """Give ``adapter`` its own copy of each ``modules_to_save`` module.
 
     The first adapter to claim a module keeps the module itself (a single-adapter model
     is unchanged); a later one gets a fresh copy of the module as it was before any
-    adapter trained it.
+    adapter trained it. Where ``dtype_rule`` (``LoRAConfig.adapter_dtype``) gives another
+    dtype than the module's (float32 on a half-precision base), the adapter gets a copy in
+    that dtype (``heads.py``).
     """
     reg = find_registry(model)
     owned = reg.heads.setdefault(adapter, {})
@@ -108,8 +112,10 @@ def assign_heads(model: nn.Module, adapter: str, saved: Sequence[str]) -> None:
         current = model.get_submodule(name)
         if name not in reg.pristine:
             reg.pristine[name] = copy.deepcopy(current)
+        pristine = reg.pristine[name]
         taken = any(name in heads for a, heads in reg.heads.items() if a != adapter)
-        owned[name] = copy.deepcopy(reg.pristine[name]) if taken else current
+        copied = taken or saved_dtype_for(pristine, dtype_rule) is not None
+        owned[name] = as_saved(copy.deepcopy(pristine) if copied else current, dtype_rule)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -26,6 +26,7 @@ from .errors import (
     MergedLayersError,
     RankTooLargeError,
 )
+from .heads import plain_head
 from .layers import DEFAULT_ADAPTER, LoRALayer, block_fast_paths, variant_for
 from .params import ParamCount, count_parameters
 from .plan import InjectionPlan, Skipped, plan_injection
@@ -172,6 +173,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
     for name, planned in plan.new.items():
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
+            plain_head(module)  # another adapter's modules_to_save (same dtype): plain again
             module.__class__ = planned.lora_class
             module._lora_setup()
         module.add_adapter(adapter, planned.r, planned.alpha, planned.scaling, config.dropout,
@@ -180,7 +182,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADA
     reg.configs[adapter] = config
     for name in plan.new:
         model.get_submodule(name).__dict__[OWNER_ATTR] = reg
-    assign_heads(model, adapter, plan.saved)
+    assign_heads(model, adapter, plan.saved, config.adapter_dtype)
     activate(model, [adapter])
     _freeze(model, plan, adapter)
     block_fast_paths(model)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ArgumentError, QuantizedMergeError, TiedWeightError
+from .heads import plain_head, saved_base_dtypes
 from .layers import LoRALayer, dense_quantized_weight, is_quantized_linear, unblock_fast_paths
 from .registry import (
     REGISTRY_ATTR,
@@ -124,11 +125,14 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None
         name = next(iter(tied))
         raise TiedWeightError(name, tied[name], _NO_EXPORT)
     skip = lora_param_keys(model) | derived_keys(model)
+    heads = saved_base_dtypes(model)  # float32 modules_to_save: once to the base dtype
     merged = {f"{name}.{layer.weight_name}": layer.merged_weight()
               for name, layer in layers.items()}
     merged.update({f"{name}.weight": dense_quantized_weight(m)
                    for name, m in model.named_modules()
                    if is_quantized_linear(m) and not isinstance(m, LoRALayer)})
+    merged.update({key: value.to(base) for key, value in model.state_dict().items()
+                   if (base := heads.get(key)) is not None})
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if key in skip:
@@ -149,6 +153,8 @@ def unload_lora(model: nn.Module, merge: bool = True, untie: bool = False,
 
     A quantized base (QLoRA) becomes a dense ``nn.Linear`` of ``dtype`` (float32 by default)
     with the merged weight when ``merge=True``; with ``merge=False`` it stays quantized.
+    A ``modules_to_save`` module kept in float32 on a half-precision base gets its own type
+    back, cast once to the base dtype.
     """
     layers = list(lora_layers(model).values())
     if merge:
@@ -164,6 +170,8 @@ def unload_lora(model: nn.Module, merge: bool = True, untie: bool = False,
         base = layer._lora_base_class
         layer._lora_teardown()
         layer.__class__ = base
+    for m in list(model.modules()):
+        plain_head(m)  # a modules_to_save copy in float32: its own type, the base dtype
     unblock_fast_paths(model)
     for m in model.modules():
         m.__dict__.pop(REGISTRY_ATTR, None)

@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig, entry_matches, name_matches, pattern_key_matches
 from .errors import AdapterConflictError, TargetMatchError, UnsupportedModuleError
+from .heads import SavedModule
 from .layers import DEFAULT_ADAPTER, LoRALayer, lora_type_for, registered_type
 from .layers.base import type_name
 from .registry import canonical_name
@@ -157,6 +158,13 @@ def _layer_type(name: str, module: nn.Module, parent: nn.Module | None,
         return (f"is the {name.rpartition('.')[2]} of the nn.{kind.__name__} {parent_name!r}, "
                 "which reads its weight directly and never calls it; target the "
                 f"{kind.__name__} module itself (it adapts both)")
+    if isinstance(module, SavedModule) and module.saved_dtype() != module._saved_base_dtype:
+        return (f"is another adapter's modules_to_save, kept in "
+                f"{str(module.saved_dtype()).removeprefix('torch.')} on a "
+                f"{str(module._saved_base_dtype).removeprefix('torch.')} base "
+                "(LoRAConfig.adapter_dtype), and a LoRA layer computes in its base weight's "
+                "dtype; give the adapter that saves it adapter_dtype='base', or add it to "
+                "exclude_modules")
     return lora_type_for(module, config)
 
 

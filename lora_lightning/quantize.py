@@ -37,12 +37,16 @@ DENSE_SUMMARY = "_lora_dense_summary"
 QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def tensor_summary(value: Tensor) -> str:
+def tensor_summary(value: Tensor, rounded_to: torch.dtype | None = None) -> str:
     """Shape plus the sum and absolute sum of at most 4,096 evenly spaced values: what the
-    base fingerprint reads of each tensor (milliseconds even for a large model)."""
+    base fingerprint reads of each tensor (milliseconds even for a large model). With
+    ``rounded_to``, a floating-point tensor's values as that dtype would hold them."""
     flat = value.detach().reshape(-1)
     step = max(1, flat.numel() // 4096)
-    sample = flat[::step][:4096].to(torch.float64).cpu()
+    sample = flat[::step][:4096]
+    if rounded_to is not None and sample.is_floating_point():
+        sample = sample.to(rounded_to)
+    sample = sample.to(torch.float64).cpu()
     return f"{tuple(value.shape)}:{sample.sum().item():.6e}:{sample.abs().sum().item():.6e}"
 
 

@@ -81,3 +81,38 @@ def test_bf16_mixed_on_a_bf16_base_trains_float32_adapters(tmp_path):
     assert module.net[0].weight.dtype == torch.bfloat16
     assert module.net[0].lora_A.dtype == torch.float32
     assert module.net[2].lora_B.abs().sum() > 0
+
+
+def _fp16_mixed(tmp_path, rule: str | None):
+    """A float16 base, fp16 autocast and a GradScaler on CPU. ``precision="16-mixed"`` on
+    CPU is turned into "bf16-mixed" by Lightning (with a warning), so the plugin is passed
+    as is."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = Module().to(torch.float16)
+    plugin = MixedPrecision("16-mixed", "cpu")
+    cfg = LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"], adapter_dtype=rule)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", plugins=[plugin], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[LoRACallback(cfg, verbose=False)])
+    return module, plugin, trainer
+
+
+def test_16_mixed_with_its_grad_scaler_trains_float32_adapters_on_a_float16_base(tmp_path):
+    module, plugin, trainer = _fp16_mixed(tmp_path, None)
+    head = module.net[2].weight.detach().clone()
+    trainer.fit(module, data())
+    assert plugin.scaler is not None and plugin.scaler._scale is not None  # it scaled
+    assert module.net[0].weight.dtype == torch.float16
+    assert module.net[0].lora_A.dtype == module.net[2].weight.dtype == torch.float32
+    assert module.net[0].lora_B.abs().sum() > 0
+    assert not torch.equal(module.net[2].weight.detach(), head.float())
+
+
+def test_16_mixed_refuses_float16_adapters_naming_the_fix(tmp_path):
+    from lora_lightning.errors import ConfigError
+
+    module, _, trainer = _fp16_mixed(tmp_path, "base")
+    with pytest.raises(ConfigError, match=r"GradScaler.*net\.0\.lora_A.*adapter_dtype=None"):
+        trainer.fit(module, data())

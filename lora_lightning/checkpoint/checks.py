@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..adapters import list_adapters
@@ -174,6 +175,10 @@ def check_meta(model: nn.Module, meta: Mapping, source: str = "checkpoint") -> N
         # Only when the rest agrees: another target set or bias mode changes which tensors
         # count as base weights, and so the fingerprint, even on the same base model.
         fp_saved, fp_here = meta.get("fingerprint", {}), base_fingerprint(model, adapter)
+        if fp_saved != fp_here and any(  # the same base, trained in bfloat16 or float16
+                fp_saved == base_fingerprint(model, adapter, half)
+                for half in (torch.bfloat16, torch.float16)):
+            fp_here = fp_saved
         if fp_saved != fp_here:
             problems.append(
                 "different base model: the checkpoint holds adapters only, trained on base "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
 from torch import nn
 
 from ..quantize import dense_summaries, tensor_summary
@@ -11,7 +12,8 @@ from ..registry import canonical_name, param_keys
 from .adapter_state import adapter_keys
 
 
-def base_fingerprint(model: nn.Module, adapter: str | None = None) -> dict[str, object]:
+def base_fingerprint(model: nn.Module, adapter: str | None = None,
+                     rounded_to: torch.dtype | None = None) -> dict[str, object]:
     """Shapes plus a cheap content hash of the frozen base parameters (not buffers,
     which training may change).
 
@@ -20,6 +22,9 @@ def base_fingerprint(model: nn.Module, adapter: str | None = None) -> dict[str, 
     large models. Take it while the adapters are not merged. A base that ``quantize_base``
     quantized counts with its dense weights from before (kept as a summary), so a QLoRA
     checkpoint names the pretrained base, which is quantized again on load.
+    ``rounded_to``: of the float32 base values as that dtype would hold them (a run in
+    ``precision="bf16-true"`` saves the fingerprint of its bfloat16 base; the Trainer
+    restores the checkpoint before it converts the model).
     """
     excluded = set(adapter_keys(model, adapter))  # other adapters count as base here
     digest = hashlib.sha256()
@@ -31,7 +36,8 @@ def base_fingerprint(model: nn.Module, adapter: str | None = None) -> dict[str, 
         if key in excluded:
             continue
         key = canonical_name(key)  # a wrapped model and its plain form agree
-        summary = dense.get(id(value)) or tensor_summary(value)
+        rounded = rounded_to if value.dtype == torch.float32 else None
+        summary = dense.get(id(value)) or tensor_summary(value, rounded)
         digest.update(f"{key}:{summary}".encode())
         n += 1
     return {"tensors": n, "sha256": digest.hexdigest()}

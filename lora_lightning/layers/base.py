@@ -59,7 +59,21 @@ below it, building W + s·B·A costs more than it saves (measured on CPU by
 ``benchmarks/bench_forward_paths.py``; not measured on a GPU, where the adapter path runs)."""
 
 __all__ = ["FOLD_MIN_ROWS", "ADAPTER_NAME", "ADAPTER_PARAM_NAMES", "DEFAULT_ADAPTER", "AdapterSpec", "LoRALayer",
-           "param_names", "type_name"]
+           "param_names", "resolve_dtype", "type_name"]
+
+def resolve_dtype(base: torch.dtype, rule: str | None = None) -> torch.dtype:
+    """The one dtype rule (``LoRAConfig.adapter_dtype``) for what trains on a base of dtype
+    ``base`` (adapters, DoRA magnitudes, ``modules_to_save``): ``None`` float32 on a
+    half-precision or non-float base, else ``base``; ``"base"`` the base's (float32 for a
+    non-float base); a dtype name that dtype."""
+    if rule not in (None, "base"):
+        return getattr(torch, rule)
+    if not base.is_floating_point:
+        return torch.float32
+    if rule is None and base in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base
+
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
     """A floating-point input in the adapters' dtype (token indices stay as they are)."""
@@ -122,7 +136,9 @@ class LoRALayer:
     def check_module(cls, module: nn.Module, config: Any) -> str | None:
         """Why ``module`` cannot carry an adapter of ``config`` (worded to follow the
         module's name in a sentence), or ``None`` if it can."""
-        t, base = type(module), cls._lora_base_class
+        # a modules_to_save copy (``heads.SavedModule``) counts as its own type
+        t = getattr(type(module), "_saved_base_class", type(module))
+        base = cls._lora_base_class
         own = [m for m in cls.overridable if hasattr(base, m)
                and getattr(t, m) is not getattr(base, m)]
         if t is not base and own and not issubclass(t, LoRALayer):
@@ -214,14 +230,7 @@ class LoRALayer:
     def adapter_dtype(self, rule: str | None = None) -> torch.dtype:
         """The dtype adapter tensors get under ``rule`` (``LoRAConfig.adapter_dtype``):
         by default float32 on a half-precision or non-float base, else the base's."""
-        dtype = self.base_dtype()
-        if rule not in (None, "base"):
-            return getattr(torch, rule)
-        if not dtype.is_floating_point:
-            return torch.float32
-        if rule is None and dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return dtype
+        return resolve_dtype(self.base_dtype(), rule)
 
     merge_loss: ClassVar[str | None] = None
     """What writing a merged weight into this base loses (a quantized base rounds it to its
@@ -235,16 +244,22 @@ class LoRALayer:
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # ``module.to(dtype)`` (Lightning's "bf16-true" converts the whole module) would
-        # turn the adapters into the base's dtype: put each adapter back into its own.
+        # turn the adapters into the base's dtype: put each adapter back into its own, from
+        # its values before the conversion (a round trip through bf16 would round them).
+        before = {attr: (p.data, p.grad) for name in self.__dict__.get("lora_specs", {})
+                  for attr in self.adapter_param_names(name)
+                  if (p := getattr(self, attr)) is not None}
         out = super()._apply(fn, recurse)  # type: ignore[misc]
         for name, spec in self.__dict__.get("lora_specs", {}).items():
             want = self.adapter_dtype(spec.dtype_rule)
             for attr in self.adapter_param_names(name):
                 p = getattr(self, attr)
                 if p.dtype != want:
-                    p.data = p.data.to(want)
+                    data, grad = before[attr]
+                    p.data = data.to(device=p.device, dtype=want)
                     if p.grad is not None:
-                        p.grad = p.grad.to(want)
+                        p.grad = (grad if grad is not None else p.grad).to(
+                            device=p.device, dtype=want)
         return out
 
     # -- construction ------------------------------------------------------------------

@@ -448,7 +448,7 @@ def lora_type_for(module: nn.Module, config: Any) -> type | str:
     """The LoRA class for ``module``, or the reason it cannot carry one (worded to follow
     the module's name in a sentence)."""
     _register_lazy()
-    t = type(module)
+    t = getattr(type(module), "_saved_base_class", type(module))  # a modules_to_save copy
     if isinstance(module, LoRALayer):  # adding another adapter: only the config can refuse
         return t.check_config(config) or t
     cls = _TYPES.get(t)

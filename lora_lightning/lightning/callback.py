@@ -39,7 +39,13 @@ from typing_extensions import override
 
 from ..checkpoint.meta import SAVE_MODES
 from ..config import LoRAConfig
-from ..errors import ArgumentError, ArgumentTypeError, OptimizerCoverageError, TargetMatchError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ConfigError,
+    OptimizerCoverageError,
+    TargetMatchError,
+)
 from ..inject import InjectionReport, inject_lora
 from ..io.adapter_files import save_adapter
 from ..io.atomic import write_file
@@ -179,6 +185,7 @@ class LoRACallback(Callback):
         if self.check_optimizer:
             _check_optimizers(trainer, pl_module)
         _check_loraplus(trainer, pl_module, self.config)
+        _check_grad_scaler(trainer, pl_module, self.config)
         if self.report is None or trainer.global_rank != 0:
             return
         metrics = metrics_for(self.report)
@@ -246,6 +253,24 @@ def _check_optimizers(trainer: Trainer, pl_module: LightningModule) -> None:
             "the parameters that require grad, e.g. `torch.optim.AdamW([p for p in "
             "self.parameters() if p.requires_grad])`; do not create it in __init__ or from a "
             "parameter list taken before LoRA was injected."))
+
+
+def _check_grad_scaler(trainer: Trainer, pl_module: LightningModule, config: LoRAConfig
+                       ) -> None:
+    """A GradScaler (``precision="16-mixed"``) refuses float16 gradients at the first step
+    with "Attempting to unscale FP16 gradients": say which tensors and what works first."""
+    if getattr(trainer.precision_plugin, "scaler", None) is None:
+        return
+    half = [n for n, p in pl_module.named_parameters()
+            if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise ConfigError("adapter_dtype", config.adapter_dtype, (
+            f"precision='16-mixed' scales the loss with a GradScaler, which cannot unscale "
+            f"float16 gradients, and {len(half)} trainable tensor(s) are float16: "
+            f"{half[:5]}{' ...' if len(half) > 5 else ''}. Keep adapters and modules_to_save "
+            "in float32 with adapter_dtype=None (the default on a float16 base) or "
+            "'float32'; trained biases (bias='all' or 'lora_only') keep the base's dtype, so "
+            "use bias='none' or a float32 base, or train with precision='bf16-mixed'"))
 
 
 def _check_loraplus(trainer: Trainer, pl_module: LightningModule, config: LoRAConfig) -> None:
