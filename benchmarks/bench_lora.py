@@ -317,6 +317,12 @@ def build_variants(case: Case, inject_reps: int) -> list[Variant]:
     for label, cfg in case.configs.items():
         times, nets = timed_injections(case.base, cfg, inject_reps)
         variants += [make(label, m, nets[m], times[m]) for m in INJECTORS]
+        if "all-linear" in label and case.compile_backend is None:
+            # Ours with the one-node Linear path off: what that path is worth, side by side.
+            plain = copy.deepcopy(nets["ours"])
+            for layer in lora_layers(plain).values():
+                layer.can_fuse = False
+            variants.append(make(label, "ours-plain", plain, None))
     return variants
 
 
@@ -663,6 +669,12 @@ def build_checks(variants: list[Variant], n_inject: int | None, inject: dict[str
     for o, p in pairs:
         checks.append(_ratio_check(f"peak memory ours/PEFT, {o.model} {o.config}", o, p, 1.00,
                                    "peak"))
+    for o, _ in pairs:
+        plain = by.get((o.model, o.config, "ours-plain"))
+        if plain is not None:
+            checks.append(_ratio_check(
+                f"step time ours one-node Linear/plain ops, {o.model} {o.config}", o, plain,
+                1.00))
     for o, _ in pairs:
         if o.model != "Llama":
             continue

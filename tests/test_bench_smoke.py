@@ -47,6 +47,8 @@ def test_report_has_every_check_with_a_number(run):
         *(f"step time ours/PEFT, {p}" for p in pairs),
         *(f"step time ours/full, {p}" for p in pairs),
         *(f"peak memory ours/PEFT, {p}" for p in pairs),
+        "step time ours one-node Linear/plain ops, GPT r=8 all-linear",
+        "step time ours one-node Linear/plain ops, Llama r=8 all-linear",
         "peak memory ours/full, Llama r=8 all-linear",
         "saved for backward ours/full, Llama r=8 all-linear",
         f"step time ours/full, {ckpt}",
@@ -79,12 +81,14 @@ def test_report_has_every_variant_with_numbers(run):
         ("GPT", "r=8 q,v", "peft"),
         ("GPT", "r=8 all-linear", "ours"),
         ("GPT", "r=8 all-linear", "peft"),
+        ("GPT", "r=8 all-linear", "ours-plain"),
         ("MiniLM", "-", "full"),
         ("MiniLM", "r=8 query,value", "ours"),
         ("MiniLM", "r=8 query,value", "peft"),
         ("Llama", "-", "full"),
         ("Llama", "r=8 all-linear", "ours"),
         ("Llama", "r=8 all-linear", "peft"),
+        ("Llama", "r=8 all-linear", "ours-plain"),
         ("Llama", "ckpt", "full"),
         ("Llama", "r=8 all-linear + ckpt", "ours"),
         ("Llama compiled", "-", "full"),
@@ -95,7 +99,8 @@ def test_report_has_every_variant_with_numbers(run):
     for v in report.variants:
         assert v.step_median > 0 and v.peak_bytes > 0 and v.saved_bytes > 0, v.key
         assert v.static_bytes > 0 and v.trainable > 0, v.key
-        assert (v.inject_s is None) == (v.method == "full" or "ckpt" in v.config), v.key
+        assert (v.inject_s is None) == (v.method in ("full", "ours-plain")
+                                        or "ckpt" in v.config), v.key
         assert v.first_step_s > 0, v.key
     for v in report.variants:
         if v.method == "ours" and (v.model, v.config, "peft") in by:
@@ -109,8 +114,8 @@ def test_markdown_file_holds_both_tables(run):
     assert text == report.markdown()
     for c in report.checks:
         assert f"| {c.name} | {c.target} | {c.text} |" in text
-    assert text.count("| GPT |") == 5 and text.count("| MiniLM |") == 3
-    assert text.count("| Llama |") == 5 and text.count("| Llama compiled |") == 3
+    assert text.count("| GPT |") == 6 and text.count("| MiniLM |") == 3
+    assert text.count("| Llama |") == 6 and text.count("| Llama compiled |") == 3
     assert "PASS" in text or "FAIL" in text
 
 
