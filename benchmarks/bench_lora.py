@@ -22,8 +22,14 @@ Model-independent: injection into a model with 1,000 targeted ``nn.Linear`` laye
 forward time of a merged model vs the plain base model under ``inference_mode``; and the
 adapter's own cost (LoRA layers minus the same frozen layers, forward + backward).
 
-``python benchmarks/bench_lora.py`` takes about 8 minutes on 2 shared cores; ``--quick``
-(smaller models, few steps) takes under a minute. See ``benchmarks/README.md``.
+A Llama-shaped model (HF ``LlamaForCausalLM`` from a config, d=512) with r=8 on all seven
+projections runs full fine-tuning, ours and PEFT, and full and ours with activation
+checkpointing, in the same rounds; its ``torch.compile``'d copy (fewer layers) runs full,
+ours and PEFT compiled. ``--cases`` picks a subset (``gpt,minilm,llama,llama-compiled,layers``).
+
+``python benchmarks/bench_lora.py`` takes about 10 minutes on 2 shared cores; ``--quick``
+(smaller models, few steps) takes a few minutes, most of it compiling. See
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -83,17 +89,26 @@ class Sizes:
     small_batch: int = 1  # overhead-bound merged-forward check: 1 x 16 tokens
     small_seq: int = 16
     overhead_reps: int = 60  # timed fwd+bwd per variant, adapter-overhead check
+    llama_d: int = 512  # the Llama-shaped model (HF LlamaForCausalLM from a config)
+    llama_ffn: int = 1376
+    llama_layers: int = 4
+    llama_heads: int = 8
+    llama_kv_heads: int = 4
+    compiled_layers: int = 2  # its compiled copy (compile time grows with depth)
+    compile_backend: str = "inductor"
 
 
 PRESETS = {
     "full": Sizes(),
     "quick": Sizes(gpt_d=256, gpt_layers=2, gpt_vocab=1024, gpt_batch=4, gpt_seq=64,
-                   minilm_batch=8, minilm_seq=32, warmup=1, steps=5, inject_reps=1,
-                   forward_reps=10, overhead_reps=10),
+                   minilm_batch=8, minilm_seq=32, warmup=2, steps=5, inject_reps=1,
+                   forward_reps=10, overhead_reps=10, llama_d=256, llama_ffn=688,
+                   llama_layers=2, compiled_layers=1),
     "tiny": Sizes(gpt_d=32, gpt_layers=2, gpt_heads=2, gpt_vocab=64, gpt_batch=2, gpt_seq=16,
                   minilm_batch=2, minilm_seq=8, warmup=1, steps=1, inject_reps=1,
                   inject_layers=40, inject_d=16, forward_reps=2, small_seq=4,
-                  overhead_reps=10),
+                  overhead_reps=10, llama_d=32, llama_ffn=64, llama_layers=1, llama_heads=2,
+                  llama_kv_heads=1, compiled_layers=1, compile_backend="eager"),
 }
 
 # -- models -------------------------------------------------------------------------------
@@ -166,6 +181,17 @@ class InjectionStack(nn.Module):
             nn.ModuleDict({n: nn.Linear(d, d) for n in ("q", "k", "v", "o", "fc1", "fc2")})
             for _ in range(blocks)
         )
+
+
+class Logits(nn.Module):
+    """An HF causal LM with a plain ``forward(input_ids) -> logits`` for the shared step."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm(input_ids=input_ids).logits
 
 
 def load_minilm() -> nn.Module:
@@ -241,6 +267,7 @@ class Case:
     targets: Tensor
     loss: Callable[[Tensor, Tensor], Tensor]
     configs: dict[str, LoRAConfig]  # label -> config (the same values go to PEFT)
+    compile_backend: str | None = None  # every variant runs torch.compile'd with it
 
 
 @dataclass
@@ -258,6 +285,7 @@ class Variant:
     peak_bytes: int | None = None
     saved_bytes: int = 0
     static_bytes: int = 0
+    first_step_s: float | None = None  # the first warm-up step (compiles a compiled one)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -281,12 +309,20 @@ def build_variants(case: Case, inject_reps: int) -> list[Variant]:
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         n = sum(p.numel() for p in params)
+        if case.compile_backend is not None:
+            net = torch.compile(net, backend=case.compile_backend)
         return Variant(case.model, config, method, net, opt, inject_s, n)
 
     variants = [make("-", "full", copy.deepcopy(case.base).requires_grad_(True), None)]
     for label, cfg in case.configs.items():
         times, nets = timed_injections(case.base, cfg, inject_reps)
         variants += [make(label, m, nets[m], times[m]) for m in INJECTORS]
+        if "all-linear" in label and case.compile_backend is None:
+            # Ours with the one-node Linear path off: what that path is worth, side by side.
+            plain = copy.deepcopy(nets["ours"])
+            for layer in lora_layers(plain).values():
+                layer.can_fuse = False
+            variants.append(make(label, "ours-plain", plain, None))
     return variants
 
 
@@ -299,9 +335,12 @@ def train_step(v: Variant, case: Case) -> None:
 def time_interleaved(variants: Sequence[Variant], case: Case, warmup: int, steps: int) -> None:
     """Warm every variant up, then time ``steps`` rounds of one step per variant. The
     variant that goes first rotates each round, so none always follows another."""
-    for _ in range(warmup):
+    for w in range(warmup):
         for v in variants:
+            t0 = time.perf_counter()
             train_step(v, case)
+            if w == 0:
+                v.first_step_s = time.perf_counter() - t0
     gc.collect()
     for i in range(steps):
         for j in range(len(variants)):
@@ -490,6 +529,50 @@ def gpt_case(sizes: Sizes) -> Case:
                 lm_loss, configs)
 
 
+LLAMA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_case(sizes: Sizes, variant: str = "") -> Case:
+    """A Llama-shaped model (HF ``LlamaForCausalLM`` from a config, random weights) with
+    r=8 on all seven projections; ``variant="compiled"``: every variant
+    ``torch.compile``'d, on ``compiled_layers`` layers."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    layers = sizes.compiled_layers if variant == "compiled" else sizes.llama_layers
+    cfg = transformers.LlamaConfig(
+        hidden_size=sizes.llama_d, intermediate_size=sizes.llama_ffn, num_hidden_layers=layers,
+        num_attention_heads=sizes.llama_heads, num_key_value_heads=sizes.llama_kv_heads,
+        vocab_size=sizes.gpt_vocab, max_position_embeddings=sizes.gpt_seq, use_cache=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, sizes.gpt_vocab, (sizes.gpt_batch, sizes.gpt_seq + 1), generator=g)
+
+    def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    name = "Llama compiled" if variant == "compiled" else "Llama"
+    configs = {"r=8 all-linear": LoRAConfig(r=8, alpha=16, target_modules=LLAMA_ALL_LINEAR)}
+    return Case(name, Logits(lm), {"input_ids": idx[:, :-1].contiguous()},
+                idx[:, 1:].contiguous(), lm_loss, configs,
+                sizes.compile_backend if variant == "compiled" else None)
+
+
+def checkpointed(v: Variant) -> Variant:
+    """A copy of a Llama variant with activation checkpointing on every decoder layer
+    (non-reentrant, so frozen embeddings need no input grads)."""
+    net = copy.deepcopy(v.net)
+    net.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    config = "ckpt" if v.method == "full" else f"{v.config} + ckpt"
+    return Variant(v.model, config, v.method, net, torch.optim.AdamW(params, lr=1e-4), None,
+                   v.trainable)
+
+
 def minilm_case(sizes: Sizes) -> Case:
     torch.manual_seed(0)
     base = MeanPoolClassifier(load_minilm())
@@ -529,8 +612,9 @@ class Report:
         lines += [
             "",
             "| model | config | method | trainable params | injection ms | step ms median "
-            "| step ms IQR | peak MiB | saved for backward MiB | live at step start MiB |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| step ms IQR | peak MiB | saved for backward MiB | live at step start MiB "
+            "| first step s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v in self.variants:
             inj = "—" if v.inject_s is None else f"{v.inject_s * 1e3:.1f}"
@@ -539,7 +623,8 @@ class Report:
             lines.append(
                 f"| {v.model} | {v.config} | {v.method} | {v.trainable:,} | {inj} "
                 f"| {v.step_median * 1e3:.1f} | {lo * 1e3:.0f}–{hi * 1e3:.0f} | {peak} "
-                f"| {v.saved_bytes / MiB:.1f} | {v.static_bytes / MiB:.1f} |"
+                f"| {v.saved_bytes / MiB:.1f} | {v.static_bytes / MiB:.1f} "
+                f"| {'—' if v.first_step_s is None else f'{v.first_step_s:.2f}'} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -552,34 +637,82 @@ def _reference(name: str, value: float, text: str) -> Check:
     return Check(name, "(reference)", value, text, None)
 
 
-def build_checks(variants: list[Variant], n_inject: int, inject: dict[str, float],
+def _ratio_check(name: str, a: Variant, b: Variant, limit: float | None,
+                 what: str = "step") -> Check:
+    """``a`` over ``b``: step time (median of paired ratios), peak or saved bytes."""
+    if what == "step":
+        value = paired_ratio(a.step_s, b.step_s)
+    else:
+        x, y = (a.peak_bytes, b.peak_bytes) if what == "peak" else (a.saved_bytes, b.saved_bytes)
+        if not x or not y:
+            return Check(name, "—" if limit is None else f"≤ {limit:.2f}", math.nan, "n/a", None)
+        value = x / y
+    return _reference(name, value, f"{value:.3f}") if limit is None else _at_most(
+        name, value, limit)
+
+
+def build_checks(variants: list[Variant], n_inject: int | None, inject: dict[str, float],
                  merged: dict[str, float], overhead: dict[str, float]) -> list[Check]:
     by = {v.key: v for v in variants}
-    pairs = [(v, by[v.model, v.config, "peft"]) for v in variants if v.method == "ours"]
-    checks = [_at_most(f"step time ours/PEFT, {o.model} {o.config}",
-                       paired_ratio(o.step_s, p.step_s), 1.00) for o, p in pairs]
-    ours, full = by["GPT", "r=8 q,v", "ours"], by["GPT", "-", "full"]
-    checks.append(_at_most("step time ours/full, GPT r=8 q,v",
-                           paired_ratio(ours.step_s, full.step_s), 0.70))
+    pairs = [(v, by[v.model, v.config, "peft"]) for v in variants
+             if v.method == "ours" and (v.model, v.config, "peft") in by]
+    checks = []
     for o, p in pairs:
-        name = f"peak memory ours/PEFT, {o.model} {o.config}"
-        if o.peak_bytes is None or p.peak_bytes is None:
-            checks.append(Check(name, "≤ 1.00", math.nan, "n/a", None))
-        else:
-            checks.append(_at_most(name, o.peak_bytes / p.peak_bytes, 1.00))
-    name = f"injection into {n_inject:,} targeted Linear layers"
-    checks.append(Check(f"{name}, ours", "< 1 s", inject["ours"], f"{inject['ours']:.3f} s",
-                        inject["ours"] < 1.0))
-    checks.append(_reference(f"{name}, PEFT", inject["peft"], f"{inject['peft']:.3f} s"))
-    checks.append(_at_most("forward merged/base, GPT all-linear, benchmark batch",
-                           merged["big"], 1.02))
-    checks.append(_reference("forward merged/base, GPT all-linear, 1 x 16 tokens",
-                             merged["small"], f"{merged['small']:.3f}"))
-    cost = overhead
-    ratio = cost["ours"] / cost["peft"] if cost["peft"] > 0 else math.nan
-    checks.append(_reference(
-        "adapter cost ours/PEFT (6 LoRA Linear layers minus frozen ones, fwd+bwd)", ratio,
-        f"{ratio:.3f} ({cost['ours'] * 1e3:.1f} / {cost['peft'] * 1e3:.1f} ms)"))
+        limit = 1.00 if "compiled" in o.model else (0.85 if "all-linear" in o.config else 1.00)
+        checks.append(_ratio_check(f"step time ours/PEFT, {o.model} {o.config}", o, p, limit))
+    for o, _ in pairs:
+        full = by[o.model, "-", "full"]
+        limit = None if ("ckpt" in o.model or "compiled" in o.model or "MiniLM" in o.model
+                         ) else 0.70
+        checks.append(_ratio_check(f"step time ours/full, {o.model} {o.config}", o, full,
+                                   limit))
+    for o, p in pairs:
+        checks.append(_ratio_check(f"peak memory ours/PEFT, {o.model} {o.config}", o, p, 1.00,
+                                   "peak"))
+    for o, _ in pairs:
+        plain = by.get((o.model, o.config, "ours-plain"))
+        if plain is not None:
+            checks.append(_ratio_check(
+                f"step time ours one-node Linear/plain ops, {o.model} {o.config}", o, plain,
+                1.00))
+    for o, _ in pairs:
+        if o.model != "Llama":
+            continue
+        full = by[o.model, "-", "full"]
+        checks.append(_ratio_check(f"peak memory ours/full, {o.model} {o.config}", o, full,
+                                   0.85, "peak"))
+        checks.append(_ratio_check(f"saved for backward ours/full, {o.model} {o.config}", o,
+                                   full, 0.85, "saved"))
+        ck, full_ck = by.get((o.model, f"{o.config} + ckpt", "ours")), by.get(
+            (o.model, "ckpt", "full"))
+        if ck is None or full_ck is None:
+            continue
+        label = f"{o.model} {o.config}, activation checkpointing"
+        checks += [
+            _ratio_check(f"step time ours/full, {label}", ck, full_ck, None),
+            _ratio_check(f"peak memory ours/full, {label}", ck, full_ck, 0.85, "peak"),
+            _ratio_check(f"saved for backward ours/full, {label}", ck, full_ck, None, "saved"),
+            _ratio_check(f"step time ours with/without checkpointing, {o.model} {o.config}",
+                         ck, o, None),
+            _ratio_check(f"peak memory ours with/without checkpointing, {o.model} {o.config}",
+                         ck, o, None, "peak"),
+        ]
+    if n_inject is not None:
+        name = f"injection into {n_inject:,} targeted Linear layers"
+        checks.append(Check(f"{name}, ours", "< 1 s", inject["ours"],
+                            f"{inject['ours']:.3f} s", inject["ours"] < 1.0))
+        checks.append(_reference(f"{name}, PEFT", inject["peft"], f"{inject['peft']:.3f} s"))
+    if merged:
+        checks.append(_at_most("forward merged/base, GPT all-linear, benchmark batch",
+                               merged["big"], 1.02))
+        checks.append(_reference("forward merged/base, GPT all-linear, 1 x 16 tokens",
+                                 merged["small"], f"{merged['small']:.3f}"))
+    if overhead:
+        cost = overhead
+        ratio = cost["ours"] / cost["peft"] if cost["peft"] > 0 else math.nan
+        checks.append(_reference(
+            "adapter cost ours/PEFT (6 LoRA Linear layers minus frozen ones, fwd+bwd)", ratio,
+            f"{ratio:.3f} ({cost['ours'] * 1e3:.1f} / {cost['peft'] * 1e3:.1f} ms)"))
     return checks
 
 
@@ -595,7 +728,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads (default 1; see benchmarks/README.md)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {list(CASES)} (default: all)")
     args = ap.parse_args(argv)
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        ap.error(f"--cases: unknown {unknown}; expected names from {list(CASES)}")
     if args.quick and args.preset not in (None, "quick"):
         ap.error(f"--quick conflicts with --preset {args.preset}")
     args.preset = args.preset or ("quick" if args.quick else "full")
@@ -606,18 +744,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+CASES = {
+    "gpt": gpt_case,
+    "minilm": minilm_case,
+    "llama": llama_case,
+    "llama-compiled": lambda sizes: llama_case(sizes, "compiled"),
+    "layers": None,  # injection time, merged forward, adapter cost (model-independent)
+}
+"""Case name (``--cases``) -> what builds it."""
+
+
 def run(args: argparse.Namespace, command: str) -> Report:
     sizes = PRESETS[args.preset]
     if args.steps is not None:
         sizes = replace(sizes, steps=args.steps)
+    chosen = args.cases.split(",")
     t_start = time.perf_counter()
     variants: list[Variant] = []
-    gpt: nn.Module | None = None
-    for build in (gpt_case, minilm_case):
-        case = build(sizes)
-        if case.model == "GPT":
-            gpt = case.base
+    for key in chosen:
+        if CASES[key] is None:
+            continue
+        case = CASES[key](sizes)
         vs = build_variants(case, sizes.inject_reps)
+        if key == "llama":  # checkpointed copies, timed in the same rounds
+            vs += [checkpointed(v) for v in vs if v.method in ("full", "ours")]
         time_interleaved(vs, case, sizes.warmup, sizes.steps)
         for v in vs:
             measure_memory(v, case)
@@ -625,9 +775,11 @@ def run(args: argparse.Namespace, command: str) -> Report:
         variants += vs
         del case, vs
         gc.collect()
-    n_inject, inject = bench_injection(sizes)
-    merged = bench_merged_forward(sizes, gpt)
-    overhead = bench_adapter_overhead(sizes)
+    n_inject, inject, merged, overhead = None, {}, {}, {}
+    if "layers" in chosen:
+        n_inject, inject = bench_injection(sizes)
+        merged = bench_merged_forward(sizes, gpt_case(sizes).base)
+        overhead = bench_adapter_overhead(sizes)
     checks = build_checks(variants, n_inject, inject, merged, overhead)
     header = (
         f"`{command}`: preset `{args.preset}`, {sizes.steps} timed steps (+{sizes.warmup} "

@@ -106,6 +106,32 @@ def test_autocast_with_float32_adapters_matches_plain_autograd(kind, base_dtype)
 
 
 @pytest.mark.parametrize("kind", ["linear", "hf_conv1d"])
+def test_a_bf16_base_computes_float32_adapters_in_bf16_without_casting_the_input(kind):
+    """bf16-true (no autocast): the adapters stay float32 and get float32 gradients; the
+    math runs in bf16 (the adapter tensors are cast, the activation is not), so it matches
+    a float32 computation on the same bf16 values to bf16 rounding."""
+    net, layer = _inject(kind, dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    assert layer._route(x, ["default"], False) == "fused"
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = net(x)
+    assert y.dtype == torch.bfloat16
+    assert not [t for t in saved if t.numel() >= x.numel() and t.dtype == torch.float32]
+    x32 = x.detach().float().requires_grad_()
+    w, bias = _out_first(layer).float(), None if layer.bias is None else layer.bias.float()
+    ref = F.linear(x32, w, bias) + layer.scaling * (x32 @ layer.lora_A.T) @ layer.lora_B.T
+    # bf16 keeps 8 bits: errors up to ~2^-8 of the largest term
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
+    g = torch.randn(y.shape)
+    got = _grads(y, g.bfloat16(), [x, layer.lora_A, layer.lora_B])
+    want = _grads(ref, g, [x32, layer.lora_A, layer.lora_B])
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["linear", "hf_conv1d"])
 def test_gradients_equal_peft_for_the_same_adapter_values(kind):
     peft = pytest.importorskip("peft")
     base = nn.Sequential(_layer(kind), nn.Tanh(),

@@ -35,7 +35,7 @@ from torch import Tensor
 def dropout_mask(x: Tensor, p: float) -> Tensor:
     """The keep-mask LoRA dropout draws for ``x`` (``True`` where kept): one Bernoulli draw
     per element with keep probability ``1 - p``, from the global generator."""
-    return torch.empty_like(x).bernoulli_(1.0 - p).bool()
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
 
 
 class LinearLoRAFunction(torch.autograd.Function):

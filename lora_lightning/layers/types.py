@@ -65,16 +65,16 @@ class MatmulLoRA(LoRALayer):
 
     def fusable(self, x: Tensor, name: str) -> bool:
         """Whether :func:`~lora_lightning.layers.fused.linear_lora` can compute this forward:
-        a plain dense frozen base (a quantized or trainable base takes the plain ops) and one
-        dtype for input, weights and adapter, or autocast, which casts them all."""
+        a plain dense frozen base (a quantized or trainable base takes the plain ops) in the
+        input's dtype, or autocast, which casts everything. The adapter's small tensors are
+        cast to the input's dtype, never the input to theirs: float32 adapters on a bfloat16
+        base compute in bfloat16, as under autocast, and get float32 gradients."""
         w = self.base_weight()
         if type(w) not in (Tensor, nn.Parameter) or w.requires_grad or not w.is_floating_point():
             return False
         if torch.is_autocast_enabled(x.device.type):
             return True
-        a, b = self._ab(name)
-        return (x.dtype == w.dtype == a.dtype == b.dtype
-                and (self.bias is None or self.bias.dtype == w.dtype))
+        return x.dtype == w.dtype and (self.bias is None or self.bias.dtype == w.dtype)
 
     def fused_forward(self, x: Tensor, name: str) -> Tensor:
         spec = self.lora_specs[name]
@@ -84,8 +84,9 @@ class MatmulLoRA(LoRALayer):
         device = x.device.type
         if torch.is_autocast_enabled(device):  # cast as autocast casts F.linear's arguments
             dtype = torch.get_autocast_dtype(device)
-            x2, w, a, b = (t.to(dtype) for t in (x2, w, a, b))
+            x2, w = x2.to(dtype), w.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+        a, b = a.to(x2.dtype), b.to(x2.dtype)  # no-ops when the dtypes agree
         p = spec.dropout if self.training else 0.0
         out = linear_lora(x2, w, bias, a, b, spec.scaling, p)
         return out.view(*x.shape[:-1], out.shape[-1])
