@@ -108,6 +108,11 @@ def test_lm_report_tabulates_a_run(tmp_path, tiny_lm_dir, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| lora_all_linear | "))
     assert f"| {result['val_ppl_before']:.2f} | {result['val_ppl_after']:.2f} |" in row
     assert "| yes |" in row and f"{result['trainable_params']:,}" in row
+    assert f"| {result['peak_rss_mb']:,.0f} MiB |" in row
+    split = next(line for line in out.splitlines()
+                 if line.startswith("| lora_all_linear | ") and "MiB | " in line and line != row)
+    assert split.endswith(f"| {result['peak_tensor_mb']:,.1f} MiB |")
+    assert f"| {result['tensor_grads_mb']:,.1f} MiB |" in split
     assert out.count("| lora_all_linear | HAMLET ⏎ To be, or not to be, |") == 1
     assert lm_report.main([str(tmp_path / "nothing")]) == 1
 
