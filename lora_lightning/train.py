@@ -266,33 +266,39 @@ def _lr_find(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any,
     """With ``lr_find.enabled``: run Lightning's LR range test, set the model's ``lr``.
 
     ``Tuner.lr_find`` trains ``num_training`` steps with the learning rate rising from
-    ``min_lr`` to ``max_lr``, restores the model's weights, and suggests the rate where the
-    loss falls fastest; it is written into the module's ``lr`` (``hparams.lr``) before fit
-    and recorded in ``result.json`` as ``lr_found``, with the curve in ``lr_find.png``.
+    ``min_lr`` to ``max_lr`` and restores the model's weights. The app records the raw loss
+    of each step and picks the rate itself (:mod:`lora_lightning.app.lr_range`: a tenth of
+    the rate at the lowest 5-step average; Lightning's own curve is biased at its start);
+    it is written into the module's ``lr`` (``hparams.lr``) before fit and recorded in
+    ``result.json`` as ``lr_found``, with the curve in ``lr_find.png``.
     """
     options = cfg.get("lr_find")
     if not options or not options.get("enabled"):
         return None
     from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.utilities.parsing import lightning_setattr
 
-    finder = Tuner(trainer).lr_find(
-        model, datamodule=datamodule, min_lr=float(options.min_lr),
-        max_lr=float(options.max_lr), num_training=int(options.num_training),
-    )
-    suggestion = finder.suggestion() if finder is not None else None
-    if suggestion is None:
+    from lora_lightning.app import lr_range
+
+    with lr_range.record_losses(model) as losses:
+        finder = Tuner(trainer).lr_find(
+            model, datamodule=datamodule, min_lr=float(options.min_lr),
+            max_lr=float(options.max_lr), num_training=int(options.num_training),
+            update_attr=False,
+        )
+    lrs = finder.results.get("lr", []) if finder is not None else []
+    test = lr_range.suggest_lr(lrs, losses)
+    if test.suggestion is None:
         log.warning("run %s: lr_find found no suggestion; keeping lr=%s", cfg.run_id, _lr(cfg))
         return None
+    lightning_setattr(model, "lr", test.suggestion)  # hparams.lr or a plain `lr`, as Lightning
     if trainer.global_rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        figure = finder.plot(suggest=True)
-        figure.savefig(output_dir / "lr_find.png", dpi=100)
-        log.info("run %s: lr_find suggests lr=%.3g (curve in %s)", cfg.run_id, suggestion,
+        lr_range.plot(test, output_dir / "lr_find.png", title=f"LR range test: {cfg.run_name}")
+        log.info("run %s: lr_find suggests lr=%.3g, a tenth of the lowest average loss's "
+                 "%.3g (curve in %s)", cfg.run_id, test.suggestion, test.lrs[test.min_index],
                  output_dir / "lr_find.png")
-    return float(suggestion)
+    return float(test.suggestion)
 
 
 def _in_sweep() -> bool:
