@@ -424,9 +424,11 @@ def open_line(final_values: bool = True) -> str:
     sweep, where the final values are)."""
     from lora_lightning.app.dashboard import dashboard_url
 
-    line = f"  then open {dashboard_url()} (Custom Scalars, smoothing 0)"
+    line = (f"  then open {dashboard_url()} (Custom Scalars, smoothing 0; untick 'Ignore "
+            "outliers in chart scaling' to see every point)")
     if final_values:
-        line += "; the final values, unsmoothed, are in Images and Text (run 'comparison')"
+        line += ("; the final values, unsmoothed: Text (a table) and Images (a chart per "
+                 "number; tick 'Show actual image size'), run 'comparison'")
     return line + "."
 
 
