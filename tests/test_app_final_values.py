@@ -6,12 +6,11 @@ import math
 
 import pytest
 from omegaconf import OmegaConf
+from test_app_report import _result
 
 from lora_lightning.app import final_values
 from lora_lightning.app.dashboard import dashboard_url, rank_text
 from lora_lightning.app.report import group_results
-
-from test_app_report import _result
 
 
 def _sweep() -> list[dict]:
