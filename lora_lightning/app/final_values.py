@@ -16,9 +16,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from lora_lightning.app.report import Group
+
+class Group(Protocol):
+    """What is read of a report group (:class:`lora_lightning.app.report.Group`)."""
+
+    label: str
+    kind: str
+    runs: list[dict[str, Any]]
+
+    def values(self, key: str) -> list[float]: ...
 
 
 @dataclass(frozen=True)
