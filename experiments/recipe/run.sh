@@ -17,6 +17,8 @@ if [ "${1:-}" = report ]; then
         "$bin/python" -m lora_lightning.app.report "outputs/recipe_$set" \
             --out "experiments/recipe/$set" --title "$set: full fine-tuning vs LoRA all-linear"
     done
+    "$bin/python" experiments/recipe/gaps.py outputs/recipe_tweets outputs/recipe_speeches \
+        > experiments/recipe/gaps.md
     exit 0
 fi
 [ -f "$data/tweets/train.csv" ] || "$bin/python" experiments/recipe/prepare_data.py --out "$data"
