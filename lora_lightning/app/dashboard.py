@@ -197,7 +197,8 @@ def write_experiment(log_dir: str | Path, results: list[dict[str, Any]]) -> None
         writer._get_file_writer().add_summary(summary)
 
 
-def add_sweep_image(log_dir: str | Path, png: str | Path, tag: str = SWEEP_IMAGE_TAG) -> None:
+def add_sweep_image(log_dir: str | Path, png: str | Path, tag: str = SWEEP_IMAGE_TAG,
+                    step: int = 0) -> None:
     """Put one of the sweep report's plots into TensorBoard's Images tab (the comparison
     run): the test accuracy against trainable parameters, or the validation curves."""
     import matplotlib.image
@@ -205,12 +206,14 @@ def add_sweep_image(log_dir: str | Path, png: str | Path, tag: str = SWEEP_IMAGE
 
     image = matplotlib.image.imread(str(png))[..., :3]  # RGB floats in [0, 1], HWC
     with SummaryWriter(log_dir=str(Path(log_dir) / COMPARISON_RUN)) as writer:
-        writer.add_image(tag, image, dataformats="HWC")
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
 
-def add_final_values(log_dir: str | Path, groups: Any, majority: float | None = None) -> None:
+def add_final_values(log_dir: str | Path, groups: Any, majority: float | None = None,
+                     step: int = 0) -> None:
     """The final values into the comparison run: one bar chart per metric in Images
-    (``final/<metric>``), the table in Text (``final/values``)."""
+    (``final/<metric>``), the table in Text (``final/values``). ``step``: the number of
+    runs reported, so a report written again after more runs is the one shown."""
     from torch.utils.tensorboard import SummaryWriter
 
     from lora_lightning.app import final_values
@@ -218,5 +221,6 @@ def add_final_values(log_dir: str | Path, groups: Any, majority: float | None = 
     with SummaryWriter(log_dir=str(Path(log_dir) / COMPARISON_RUN),
                        filename_suffix=".final") as writer:
         for key, image in final_values.bar_images(groups, majority).items():
-            writer.add_image(FINAL_IMAGE_PREFIX + key, image, dataformats="HWC")
-        writer.add_text(FINAL_TEXT_TAG, final_values.markdown(groups))
+            writer.add_image(FINAL_IMAGE_PREFIX + key, image, global_step=step,
+                             dataformats="HWC")
+        writer.add_text(FINAL_TEXT_TAG, final_values.markdown(groups), global_step=step)

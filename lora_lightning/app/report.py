@@ -364,11 +364,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
             own = [r for r in results if r.get("log_dir") == log_dir]
             write_experiment(log_dir, own)
             own_groups = group_results(own)
-            add_final_values(log_dir, own_groups, _same(own_groups, "test_majority_acc"))
+            step = len(own)  # a later report (more runs) is the one TensorBoard shows
+            add_final_values(log_dir, own_groups, _same(own_groups, "test_majority_acc"), step)
             if png_path is not None:
-                add_sweep_image(log_dir, png_path)
+                add_sweep_image(log_dir, png_path, step=step)
             if curves_path is not None:
-                add_sweep_image(log_dir, curves_path, CURVES_IMAGE_TAG)
+                add_sweep_image(log_dir, curves_path, CURVES_IMAGE_TAG, step)
     md = [f"# {title}", "", table, ""]
     if png_path is not None:
         md += [f"![test accuracy vs trainable parameters]({png_path.name})", ""]
