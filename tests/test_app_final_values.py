@@ -28,7 +28,7 @@ def test_markdown_gives_logged_means_and_sd_over_seeds_in_the_report_order():
     groups = group_results(_sweep())
     table = final_values.markdown(groups)
     lines = table.splitlines()
-    assert lines[0].startswith("| run | runs | test accuracy | best validation accuracy | "
+    assert lines[0].startswith("| run | n | test accuracy | best validation accuracy | "
                                "final validation accuracy | trainable parameters |")
     rows = [line for line in lines[2:] if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows] == [

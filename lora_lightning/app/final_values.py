@@ -81,7 +81,7 @@ def markdown(groups: Sequence[Group], metrics: Sequence[Metric] = METRICS) -> st
     """The final values as a Markdown table, one row per group in the report's order."""
     shown = [m for m in metrics if any(summary(g, m)[2] for g in groups)]
     seeds = max((len(g.runs) for g in groups), default=1)
-    header = ["run", "runs"] + [m.title for m in shown]
+    header = ["run", "n"] + [m.title for m in shown]  # n: runs (seeds) in the row
     rows = [[g.label, str(len(g.runs))] + [cell(g, m) for m in shown] for g in groups]
     lines = ["| " + " | ".join(header) + " |",
              "|:--|" + "--:|" * (len(header) - 1)]
