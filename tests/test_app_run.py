@@ -84,7 +84,8 @@ def test_digits_run_writes_result_checkpoint_adapter_and_logs(tmp_path):
     assert tags >= TAGS, TAGS - tags
     assert "hp_metric" not in tags  # no placeholder line from -1 to the test accuracy
     assert hparams["run"] == "lora_conv" and hparams["kind"] == "lora"
-    assert hparams["lora/r"] == 8 and hparams["lr"] == pytest.approx(0.01)
+    # lora/r is a zero-padded string in TensorBoard (a number would print 8.0000)
+    assert hparams["lora/r"] == "008" and hparams["lr"] == pytest.approx(0.01)
     assert (tb_run / "metrics.csv").is_file()  # the csv logger shares the run's folder
     # A single run ends with its table and a TensorBoard command that runs as printed.
     assert f"test acc (n=270, majority {result['test_majority_acc']:.3f})" in proc.stdout
