@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Screenshots of TensorBoard's Custom Scalars and HParams tabs for a finished run or sweep,
-# taken with headless Chromium (not a dependency of the package; any Chromium works):
+# Screenshots of TensorBoard's Custom Scalars (smoothing 0, as the app's printed URL opens
+# it), Text (the final values) and HParams tabs for a finished run or sweep, taken with
+# headless Chromium (not a dependency of the package; Debian: apt-get install chromium):
 #
 #   bash experiments/tensorboard_screenshot.sh LOGDIR OUT_PREFIX [PORT]
 #
-# writes OUT_PREFIX_custom_scalars.png and OUT_PREFIX_hparams.png. LOGDIR goes to
+# writes OUT_PREFIX_custom_scalars.png, OUT_PREFIX_final_values.png and
+# OUT_PREFIX_hparams.png. LOGDIR goes to
 # TensorBoard's --logdir_spec, so several sweeps can be shown under names of your own:
 # full:outputs/full_split/<date>_<time>/tensorboard,lora:outputs/...
 set -euo pipefail
@@ -30,6 +32,7 @@ shot() {  # tab, height, file
         --window-size=1600,"$2" --virtual-time-budget=15000 \
         --screenshot="$3" "http://127.0.0.1:$port/#$1" 2>/dev/null
 }
-shot custom_scalars 1100 "${out}_custom_scalars.png"
-shot hparams 900 "${out}_hparams.png"
-echo "wrote ${out}_custom_scalars.png ${out}_hparams.png"
+shot "custom_scalars&_smoothingWeight=0" 1100 "${out}_custom_scalars.png"
+shot text 700 "${out}_final_values.png"
+shot hparams 700 "${out}_hparams.png"
+echo "wrote ${out}_custom_scalars.png ${out}_final_values.png ${out}_hparams.png"

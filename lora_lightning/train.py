@@ -35,6 +35,10 @@ from lora_lightning.app.errors import AppError, check_ckpt_path, check_missing, 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+# ${zpad:${hydra.job.num}} in hydra/default.yaml: job folders 00_, 01_, ... 10_ sort in
+# run order, in file listings and in TensorBoard's run list alike.
+OmegaConf.register_new_resolver("zpad", lambda n, width=2: f"{int(n):0{int(width)}d}",
+                                replace=True)
 
 
 def main() -> None:
@@ -103,6 +107,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         Path(checkpoint.dirpath).resolve() if checkpoint and checkpoint.dirpath else "(none)",
     )
     check_ckpt_path(cfg.get("ckpt_path"))
+    if trainer.global_rank == 0 and cfg.get("logger") and "tensorboard" in cfg.logger:
+        from lora_lightning.app.dashboard import write_layout
+
+        write_layout(cfg.paths.log_dir)  # before the first run logs: first in the run list
     lr_found = _lr_find(cfg, trainer, model, datamodule, output_dir)
     if lr_found is not None:
         recorder.hparams["lr"] = lr_found  # the HParams tab shows the rate that trained
@@ -139,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **data,
         "monitor": f"{checkpoint.monitor} ({checkpoint.mode})" if checkpoint else None,
         "best_val_acc": _best_val(checkpoint, fit_metrics),
+        "final_val_acc": fit_metrics.get("val/acc"),  # the last validation's
         "samples_per_sec": fit_metrics.get("perf/samples_per_sec"),
         "checkpoint": str(checkpoint.best_model_path) if checkpoint else None,
         "checkpoint_bytes": _size(checkpoint.best_model_path) if checkpoint else None,
@@ -151,12 +160,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **getattr(model, "run_results", {}),  # a module's own figures (LM: perplexity before/after)
     }
     if trainer.global_rank == 0:
-        from lora_lightning.app.dashboard import log_run, write_layout
+        from lora_lightning.app.dashboard import log_run
 
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-        if cfg.get("logger") and "tensorboard" in cfg.logger:
-            write_layout(cfg.paths.log_dir)
         log_run(trainer.loggers, recorder.logged_hparams, result, trainer.global_step)
         log.info(
             "run %s: test acc %s, %s trainable (%.3f%%), fit %.1f s, result in %s",
@@ -249,7 +256,7 @@ def _full_rank_runs_baseline(cfg: DictConfig) -> None:
 
 
 def _name_run_after_its_folder(cfg: DictConfig) -> None:
-    """``run_id`` := the job folder's name (``<job number>_<run_name>`` in a sweep), so
+    """``run_id`` := the job folder's name (``<job number, 2 digits>_<run_name>`` in a sweep), so
     TensorBoard runs and folders match and jobs that share a run name stay apart."""
     if not HydraConfig.initialized():
         return  # not inside a Hydra app (e.g. a test calling train() with a composed config)
@@ -266,33 +273,39 @@ def _lr_find(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any,
     """With ``lr_find.enabled``: run Lightning's LR range test, set the model's ``lr``.
 
     ``Tuner.lr_find`` trains ``num_training`` steps with the learning rate rising from
-    ``min_lr`` to ``max_lr``, restores the model's weights, and suggests the rate where the
-    loss falls fastest; it is written into the module's ``lr`` (``hparams.lr``) before fit
-    and recorded in ``result.json`` as ``lr_found``, with the curve in ``lr_find.png``.
+    ``min_lr`` to ``max_lr`` and restores the model's weights. The app records the raw loss
+    of each step and picks the rate itself (:mod:`lora_lightning.app.lr_range`: a tenth of
+    the rate at the lowest 5-step average; Lightning's own curve is biased at its start);
+    it is written into the module's ``lr`` (``hparams.lr``) before fit and recorded in
+    ``result.json`` as ``lr_found``, with the curve in ``lr_find.png``.
     """
     options = cfg.get("lr_find")
     if not options or not options.get("enabled"):
         return None
     from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.utilities.parsing import lightning_setattr
 
-    finder = Tuner(trainer).lr_find(
-        model, datamodule=datamodule, min_lr=float(options.min_lr),
-        max_lr=float(options.max_lr), num_training=int(options.num_training),
-    )
-    suggestion = finder.suggestion() if finder is not None else None
-    if suggestion is None:
+    from lora_lightning.app import lr_range
+
+    with lr_range.record_losses(model) as losses:
+        finder = Tuner(trainer).lr_find(
+            model, datamodule=datamodule, min_lr=float(options.min_lr),
+            max_lr=float(options.max_lr), num_training=int(options.num_training),
+            update_attr=False,
+        )
+    lrs = finder.results.get("lr", []) if finder is not None else []
+    test = lr_range.suggest_lr(lrs, losses)
+    if test.suggestion is None:
         log.warning("run %s: lr_find found no suggestion; keeping lr=%s", cfg.run_id, _lr(cfg))
         return None
+    lightning_setattr(model, "lr", test.suggestion)  # hparams.lr or a plain `lr`, as Lightning
     if trainer.global_rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        figure = finder.plot(suggest=True)
-        figure.savefig(output_dir / "lr_find.png", dpi=100)
-        log.info("run %s: lr_find suggests lr=%.3g (curve in %s)", cfg.run_id, suggestion,
+        lr_range.plot(test, output_dir / "lr_find.png", title=f"LR range test: {cfg.run_name}")
+        log.info("run %s: lr_find suggests lr=%.3g, a tenth of the lowest average loss's "
+                 "%.3g (curve in %s)", cfg.run_id, test.suggestion, test.lrs[test.min_index],
                  output_dir / "lr_find.png")
-    return float(suggestion)
+    return float(test.suggestion)
 
 
 def _in_sweep() -> bool:

@@ -252,7 +252,12 @@ def test_full_vs_lora_is_a_four_run_sweep(tmp_path):
         assert cfg.hydra.sweeper.params.lora.split(",") == ["none", "qv", "all_linear", "head_only"]
         assert cfg.name == "full_vs_lora"
         assert cfg.hydra.runtime.choices.model == "minilm"
-        assert cfg.trainer.val_check_interval == 0.25
+        # The recipe: a budget of optimizer steps, not epochs, then a linear decay.
+        assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (200, -1)
+        assert cfg.trainer.val_check_interval == 25
+        assert cfg.trainer.check_val_every_n_epoch is None
+        assert cfg.model.decay == "linear" and cfg.model.warmup_ratio == 0.1
+        assert cfg.lora.config.loraplus_lr_ratio is None  # tried, not shipped (experiments/recipe)
 
 
 def test_full_split_is_three_seeds_on_the_whole_corpus(tmp_path):

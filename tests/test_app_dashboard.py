@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from lora_lightning.app.dashboard import LAYOUT_CATEGORY, SWEEP_IMAGE_TAG, SWEEP_RUN
+from lora_lightning.app.dashboard import (
+    COMPARISON_RUN,
+    FINAL_IMAGE_PREFIX,
+    FINAL_TEXT_TAG,
+    LAYOUT_CATEGORY,
+    SWEEP_IMAGE_TAG,
+)
 
 
 def _free_port() -> int:
@@ -61,7 +67,7 @@ def tensorboard(finished_sweep):
         deadline = time.monotonic() + 90
         while True:
             try:
-                if len(_get(port, "/data/runs")) >= 4:
+                if len(_get(port, "/data/runs")) >= 3:
                     break
             except OSError:
                 pass
@@ -75,10 +81,12 @@ def tensorboard(finished_sweep):
 
 
 def test_runs_and_scalars_are_served_without_a_placeholder(tensorboard, finished_sweep):
-    runs = set(_get(tensorboard, "/data/runs"))
-    assert {"0_lora_conv", "1_full_ft", SWEEP_RUN} <= runs
+    runs = _get(tensorboard, "/data/runs")
+    # No stray runs ('.', 'sweep_report'): the jobs, zero-padded, and the comparison run,
+    # written first (TensorBoard lists runs by their first event, and colours them so).
+    assert runs == [COMPARISON_RUN, "00_lora_conv", "01_full_ft"], runs
     tags = _get(tensorboard, "/data/plugin/scalars/tags")
-    for run in ("0_lora_conv", "1_full_ft"):
+    for run in ("00_lora_conv", "01_full_ft"):
         assert {"val/acc", "val/loss", "train/loss", "perf/samples_per_sec",
                 "perf/peak_tensor_mb", "perf/train_gflops_per_step", "hparams/test_acc",
                 "hparams/checkpoint_mb"} <= set(tags[run])
@@ -90,8 +98,8 @@ def test_runs_and_scalars_are_served_without_a_placeholder(tensorboard, finished
         for tag in ("lora/trainable_ratio", "perf/samples_per_sec"):
             points = _get(tensorboard, f"/data/plugin/scalars/scalars?run={run}&tag={tag}")
             assert len(points) >= 2, (run, tag, points)
-    result = json.loads(next(finished_sweep.parent.rglob("0_lora_conv/result.json")).read_text())
-    served = _get(tensorboard, "/data/plugin/scalars/scalars?run=0_lora_conv&tag=hparams/test_acc")
+    result = json.loads(next(finished_sweep.parent.rglob("00_lora_conv/result.json")).read_text())
+    served = _get(tensorboard, "/data/plugin/scalars/scalars?run=00_lora_conv&tag=hparams/test_acc")
     assert served[-1][2] == pytest.approx(result["test_acc"], abs=1e-6)
 
 
@@ -122,11 +130,33 @@ def test_hparams_tab_has_real_metrics_and_shows_what_differs(tensorboard):
         "colParams": [{"hparam": "lora/r"}, {"metric": {"tag": "hparams/test_acc"}}],
         "startIndex": 0, "sliceSize": 100,
     })
+    # A string that reads as an integer and sorts as one (a number would print 8.0000).
     ranks = sorted(g["hparams"]["lora/r"] for g in groups["sessionGroups"])
-    assert ranks == [0, 8]
+    assert ranks == ["008", "none"]
+    (r_info,) = [h for h in experiment["hparamInfos"] if h["name"] == "lora/r"]
+    assert r_info["type"] == "DATA_TYPE_STRING"
     assert all(g["metricValues"][0]["value"] > 0.5 for g in groups["sessionGroups"])
 
 
 def test_sweep_plot_is_an_image_in_tensorboard(tensorboard):
     images = _get(tensorboard, "/data/plugin/images/tags")
-    assert images[SWEEP_RUN][SWEEP_IMAGE_TAG]["samples"] == 1
+    assert images[COMPARISON_RUN][SWEEP_IMAGE_TAG]["samples"] == 1
+
+
+def test_final_values_are_images_and_a_text_table(tensorboard, finished_sweep):
+    images = _get(tensorboard, "/data/plugin/images/tags")[COMPARISON_RUN]
+    for key in ("test_acc", "best_val_acc", "final_val_acc", "trainable_params",
+                "checkpoint_mb", "peak_tensor_mb", "fit_seconds", "train_gflops_per_step"):
+        assert images[FINAL_IMAGE_PREFIX + key]["samples"] == 1, key
+    (entry,) = _get(tensorboard, "/data/plugin/images/images?run=comparison"
+                                 "&tag=final/test_acc&sample=0")
+    url = f"http://127.0.0.1:{tensorboard}/data/plugin/images/individualImage?{entry['query']}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        png = response.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") >= 800  # width: readable, not a thumbnail
+    tag = f"{FINAL_TEXT_TAG}/text_summary"  # torch.utils.tensorboard adds the suffix
+    text = _get(tensorboard, f"/data/plugin/text/text?run={COMPARISON_RUN}&tag={tag}")
+    html = text[-1]["text"]
+    result = json.loads(next(finished_sweep.parent.rglob("00_lora_conv/result.json")).read_text())
+    assert "<table>" in html and f"{result['test_acc']:.4f}" in html

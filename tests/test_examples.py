@@ -406,3 +406,25 @@ def test_split_datamodule_settings_are_arguments_and_shuffle_follows_global_seed
     bare.setup()
     with pytest.raises(RuntimeError, match=r"Plain has no `batch_size`: pass batch_size="):
         bare.train_dataloader()
+
+
+def test_warmup_then_linear_decay_reaches_zero_at_the_last_step():
+    from lora_lightning.examples.common import warmup_factor
+
+    rates = [warmup_factor(s, warmup=2, total=10, decay="linear") for s in range(10)]
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert [warmup_factor(s, 2, 10, "constant") for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert warmup_factor(3, warmup=0, total=4, decay="linear") == pytest.approx(0.25)
+
+
+def test_classifier_module_decays_the_rate_to_near_zero_by_max_steps():
+    torch.manual_seed(0)
+    module = ClassifierModule(DigitsCNN(), lr=1e-2, warmup_ratio=0.2, decay="linear")
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    # After the fifth and last step the schedule stands at step 5 of 5: a factor of 0.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"`decay` to be one of \['constant', 'linear'\]"):
+        ClassifierModule(DigitsCNN(), decay="cosine")

@@ -11,6 +11,10 @@
 - :mod:`~lora_lightning.app.hydra_callbacks`: the Hydra callback that runs the report.
 - :mod:`~lora_lightning.app.errors`: one-paragraph errors for bad configs.
 - :mod:`~lora_lightning.app.curves`: validation curves from TensorBoard event files.
+- :mod:`~lora_lightning.app.final_values`: the compared numbers as a table and bar charts
+  that no chart smoothing moves (TensorBoard's Text and Images, run ``comparison``).
+- :mod:`~lora_lightning.app.lr_range`: the LR range test's raw losses and the app's
+  suggestion from them (``lr_find.enabled=true``).
 
 Only this subpackage and ``lora_lightning.train`` import Hydra; the core never does. The
 app and ``lora_lightning.examples`` never import each other (``train`` joins them).

@@ -352,23 +352,52 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
         plot(groups, png_path, title)
     except ImportError:
         png_path = None
-    from lora_lightning.app.dashboard import add_sweep_image, write_experiment
+    from lora_lightning.app.dashboard import (
+        CURVES_IMAGE_TAG,
+        add_final_values,
+        add_sweep_image,
+        write_experiment,
+    )
 
-    for log_dir in log_dirs(results):
+    dirs = log_dirs(results)
+    curves_path = None
+    if len(dirs) == 1 and Path(dirs[0]).is_dir() and png_path is not None:
+        curves_path = _val_curves(dirs[0], out / "val_curves.png")
+    for log_dir in dirs:
         if Path(log_dir).is_dir():
-            write_experiment(log_dir, [r for r in results if r.get("log_dir") == log_dir])
+            own = [r for r in results if r.get("log_dir") == log_dir]
+            write_experiment(log_dir, own)
+            own_groups = group_results(own)
+            step = len(own)  # a later report (more runs) is the one TensorBoard shows
+            add_final_values(log_dir, own_groups, _same(own_groups, "test_majority_acc"), step)
             if png_path is not None:
-                add_sweep_image(log_dir, png_path)
+                add_sweep_image(log_dir, png_path, step=step)
+            if curves_path is not None:
+                add_sweep_image(log_dir, curves_path, CURVES_IMAGE_TAG, step)
     md = [f"# {title}", "", table, ""]
     if png_path is not None:
         md += [f"![test accuracy vs trainable parameters]({png_path.name})", ""]
+    if curves_path is not None:
+        md += [f"![validation accuracy and loss of every run]({curves_path.name})", ""]
     md += [f"{len(results)} runs from `{Path(sweep_dir)}`. {table_notes(groups)}", ""]
     warning = _small_test(groups)
     if warning:
         md += [f"**Warning:** {warning}", ""]
     md_path.write_text("\n".join(md))
     return {"table": table, "csv": csv_path, "md": md_path, "png": png_path,
+            "curves": curves_path,
             "log_dirs": log_dirs(results), "groups": groups}
+
+
+def _val_curves(log_dir: str, png: Path) -> Path | None:
+    """Validation accuracy and loss of every run, one line each (``app.curves``), or None
+    when the log dir has no such curves."""
+    from lora_lightning.app.curves import plot_curves
+
+    try:
+        return plot_curves(log_dir, png)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _small_test(groups: Sequence[Group]) -> str | None:
@@ -385,11 +414,27 @@ def summary_text(report: dict[str, Any]) -> str:
     warning = _small_test(report["groups"])
     if warning:
         lines.append(f"Warning: {warning}")
-    written = [report["csv"], report["md"]] + ([report["png"]] if report["png"] else [])
+    written = [report["csv"], report["md"]] + [
+        report[k] for k in ("png", "curves") if report.get(k)]
     lines.append("Report: " + ", ".join(str(p) for p in written))
     for log_dir in report["log_dirs"]:
         lines.append(f"Compare the runs: {command('tensorboard')} --logdir {log_dir}")
+    if report["log_dirs"]:
+        lines.append(open_line())
     return "\n".join(lines)
+
+
+def open_line(final_values: bool = True) -> str:
+    """Where to look once TensorBoard runs: the comparison, unsmoothed (and, after a
+    sweep, where the final values are)."""
+    from lora_lightning.app.dashboard import dashboard_url
+
+    line = (f"  then open {dashboard_url()} (Custom Scalars, smoothing 0; untick 'Ignore "
+            "outliers in chart scaling' to see every point)")
+    if final_values:
+        line += ("; the final values, unsmoothed: Text (a table) and Images (a chart per "
+                 "number; tick 'Show actual image size'), run 'comparison'")
+    return line + "."
 
 
 def run_summary(result: dict[str, Any]) -> str:
@@ -403,6 +448,7 @@ def run_summary(result: dict[str, Any]) -> str:
         lines.append(f"Result: {Path(result['output_dir']) / RESULT_FILE}")
     if result.get("log_dir"):
         lines.append(f"Curves: {command('tensorboard')} --logdir {result['log_dir']}")
+        lines.append(open_line(final_values=False))
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ the same seed. So ``seed=1`` reshuffles while a split fixed by the datamodule's 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -148,8 +149,14 @@ class BaseDataModule(L.LightningDataModule):
 
 
 # -- the optimizer ------------------------------------------------------------------------
-def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float) -> None:
+DECAYS = ("constant", "linear")
+
+
+def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float,
+                         decay: str = "constant") -> None:
     """Refuse what :func:`adamw_with_warmup` cannot use, when a module is built."""
+    if decay not in DECAYS:
+        raise ValueError(f"Expected `decay` to be one of {list(DECAYS)} but got {decay!r}.")
     if not lr > 0:
         raise ValueError(f"Expected `lr` > 0 but got {lr!r}.")
     if not weight_decay >= 0:
@@ -158,10 +165,22 @@ def check_optimizer_args(lr: float, weight_decay: float, warmup_ratio: float) ->
         raise ValueError(f"Expected `warmup_ratio` in [0, 1) but got {warmup_ratio!r}.")
 
 
+def warmup_factor(step: int, warmup: int, total: int, decay: str) -> float:
+    """The learning rate's multiplier at optimizer step ``step`` (0-based) of ``total``:
+    rising linearly over the first ``warmup`` steps to 1, then 1 (``"constant"``) or
+    falling linearly to 0 at step ``total`` (``"linear"``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
     """AdamW over the parameters that require grad (``module.hparams``: ``lr``,
-    ``weight_decay``, ``warmup_ratio``), with a linear warm-up over that share of the
-    steps. Shared by the example modules. The parameter groups come from
+    ``weight_decay``, ``warmup_ratio``, and ``decay`` if present), with a linear warm-up
+    over that share of the steps, then the rate kept (``decay="constant"``, the default)
+    or lowered linearly to 0 at the last step (``"linear"``). Shared by the example modules. The parameter groups come from
     ``lora_param_groups``, so ``LoRAConfig(loraplus_lr_ratio=...)`` (LoRA+) applies; without
     it they are one group of every trainable tensor, as for full fine-tuning."""
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -175,11 +194,13 @@ def adamw_with_warmup(module: L.LightningModule, net: nn.Module) -> Any:
     hp = module.hparams
     groups = lora_param_groups(module, lr=hp.lr, weight_decay=hp.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-    if hp.warmup_ratio == 0:
+    decay = hp.get("decay", "constant")
+    if hp.warmup_ratio == 0 and decay == "constant":
         return optimizer
-    warmup_steps = max(1, int(module.trainer.estimated_stepping_batches * hp.warmup_ratio))
+    total = max(1, int(module.trainer.estimated_stepping_batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)
+        optimizer, functools.partial(warmup_factor, warmup=int(total * hp.warmup_ratio),
+                                     total=total, decay=decay)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -59,9 +59,12 @@ class ClassifierModule(L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the training steps over which the learning rate rises
-            linearly from 0 to ``lr``; it stays at ``lr`` afterwards. 0 disables warmup.
+            linearly from 0 to ``lr``. 0 disables warmup.
         num_classes: number of classes for accuracy; defaults to
             ``net.classifier.out_features``.
+        decay: after the warmup, ``"constant"`` (the default) keeps ``lr``; ``"linear"``
+            lowers it linearly to 0 at the last step (``trainer.max_steps``, or the
+            epochs' steps).
     """
 
     def __init__(
@@ -71,11 +74,12 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         num_classes: int | None = None,
+        decay: str = "constant",
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"Expected `net` to be a torch.nn.Module but got {type(net).__name__}.")
-        check_optimizer_args(lr, weight_decay, warmup_ratio)
+        check_optimizer_args(lr, weight_decay, warmup_ratio, decay)
         if num_classes is None:
             num_classes = getattr(getattr(net, "classifier", None), "out_features", None)
             if num_classes is None:
