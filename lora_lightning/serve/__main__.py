@@ -1,4 +1,5 @@
-"""``python -m lora_lightning.serve --model <folder> --adapters <folder> --port 8000``."""
+"""``python -m lora_lightning.serve --model <folder or app checkpoint> --adapters <folder>
+--port 8000``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "request names its adapter, concurrent requests run as one batch.")
     p.add_argument("--model", required=True,
                    help="a transformers folder (save_pretrained) of a *ForSequenceClassification "
-                        "or *ForCausalLM model, with its tokenizer")
+                        "or *ForCausalLM model, with its tokenizer; or a classifier checkpoint "
+                        "of the lora-lightning app (<run>/checkpoints/best.ckpt, built from "
+                        "<run>/.hydra/config.yaml; its adapter is served too)")
     p.add_argument("--adapters", default=None,
-                   help="a folder whose subfolders are adapter directories (save_adapter or "
-                        "PEFT); each is served under its subfolder's name")
+                   help="a folder whose subfolders are adapter directories (save_adapter, PEFT, "
+                        "or an app run's adapter/); each is served under its subfolder's name")
     p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
                    help="127.0.0.1 (default) keeps the server, whose /adapters routes load "
                         "files from this machine, local")

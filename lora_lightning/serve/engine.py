@@ -26,6 +26,7 @@ from .. import delete_adapter, list_adapters, load_adapter, per_sample_adapters
 from ..errors import LoRAError
 from ..io.adapter_files import CONFIG_NAME
 from ..registry import AdapterNameError, check_name
+from .app_checkpoint import INPUTS, is_checkpoint, load_app_checkpoint, read_run_config
 
 CLASSIFY, GENERATE = "classify", "generate"
 
@@ -46,14 +47,19 @@ def model_task(config: Any) -> str:
 
 
 def folder_task(folder: str | os.PathLike) -> str:
-    """:func:`model_task` of a model folder, from its config.json alone (the HTTP process
-    checks requests with it and never imports transformers)."""
+    """:func:`model_task` of a model folder, from its config.json alone, or ``"classify"``
+    for an app checkpoint whose run config is a classifier run (the HTTP process checks
+    requests with it and never imports transformers)."""
+    if is_checkpoint(folder):
+        read_run_config(folder)
+        return CLASSIFY
     path = Path(folder) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {folder}: cannot read {path} ({e}); pass a folder "
-                         "written by save_pretrained") from None
+                         "written by save_pretrained, or an app checkpoint file "
+                         "(<run>/checkpoints/best.ckpt)") from None
     return model_task(config)
 
 
@@ -106,10 +112,26 @@ class ServedModel:
     adapters_root: Path | None = None
     max_new_tokens: int = 64
     labels: list[str] = field(default_factory=list)
+    max_length: int | None = None
+    """Classifier: tokens per text at most (None: the model's own limit)."""
+    inputs: tuple[str, ...] | None = None
+    """Classifier: the tokenizer outputs the model takes (None: all), for an app module
+    that returns logits rather than a transformers output."""
 
     @classmethod
     def load(cls, model_folder: str | os.PathLike, adapters: str | os.PathLike | None,
              max_new_tokens: int = 64) -> ServedModel:
+        """A save_pretrained folder, or an app checkpoint (a file; see
+        :mod:`~lora_lightning.serve.app_checkpoint`) whose own adapter is served beside
+        those of ``adapters``."""
+        if is_checkpoint(model_folder):
+            app = load_app_checkpoint(model_folder)
+            served = cls(app.module, app.tokenizer, CLASSIFY,
+                         Path(adapters) if adapters else None, max_new_tokens,
+                         labels=app.labels, max_length=app.max_length, inputs=INPUTS)
+            for name, path in (adapter_dirs(adapters) if adapters else {}).items():
+                load_adapter(app.module, path, adapter=check_name(name))
+            return served
         model, tokenizer, task = load_base(model_folder)
         served = cls(model, tokenizer, task, Path(adapters) if adapters else None,
                      max_new_tokens)
@@ -197,12 +219,16 @@ class ServedModel:
         texts = [r["text"] for r in requests]
         device = next(self.model.parameters()).device
         if self.task == CLASSIFY:
-            limit = min(self.tokenizer.model_max_length,
-                        getattr(self.model.config, "max_position_embeddings", 512))
+            limit = self.max_length or min(
+                self.tokenizer.model_max_length,
+                getattr(self.model.config, "max_position_embeddings", 512))
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit,
                                  return_tensors="pt").to(device)
+            if self.inputs is not None:
+                enc = {k: enc[k] for k in self.inputs}
             with per_sample_adapters(self.model, names):
-                logits = self.model(**enc).logits
+                out = self.model(**enc)
+            logits = out if isinstance(out, torch.Tensor) else out.logits
             probs = logits.float().softmax(-1)
             return [_ok({"adapter": n, "label": self.labels[int(p.argmax())],
                          "probabilities": dict(zip(self.labels, p.tolist(), strict=True))})
