@@ -1,8 +1,9 @@
 """The one-node LoRA Linear (``layers/fused.py``): the default training forward of every
 Linear-like type (``nn.Linear``, HF ``Conv1D``). Its output and its gradients (input,
 A, B, a trainable bias) equal plain autograd over ``W x + b + s·B(A drop(x))`` and PEFT's for
-the same adapter values; the plain ops still run where it cannot (a trainable or quantized
-base, several adapters, DoRA)."""
+the same adapter values; the plain ops still run where it cannot (a trainable or 8-bit
+base, several adapters, DoRA). A 4-bit base takes it with bitsandbytes' own product
+(tests/test_qlora.py)."""
 
 from __future__ import annotations
 

@@ -427,3 +427,87 @@ def test_a_subclass_of_linear4bit_is_adapted_as_a_4bit_base():
     inject_lora(net, config(None, target_modules=["fc1"]))
     assert isinstance(net.fc1, bnb.nn.LinearNF4) and net.fc1.merge_loss is not None
     assert_close_fp32(net.fc1.dense_weight(), net.fc1.merged_weight())
+
+
+def _probe(quantize: str | None, width: int = 64, hidden: int = 96, dropout: float = 0.0,
+           bias: str = "none") -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+    inject_lora(net, LoRAConfig(r=8, alpha=16, dropout=dropout, target_modules=["0", "2"],
+                                quantize_base=quantize, bias=bias))
+    randomize_adapters(net)
+    return net.train()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_one_node_4bit_path_equals_the_plain_4bit_ops(kind, dropout):
+    """In training a 4-bit layer takes the one-node path (layers/fused.py) with bitsandbytes'
+    own product: its output and gradients (input, A, B, trainable bias) equal the plain 4-bit
+    ops on the same adapter values and the very dropout mask it drew."""
+    from lora_lightning.layers import fused
+
+    net = _probe(kind, dropout=dropout, bias="all")
+    layer = net[0]
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    assert layer._route(x, ["default"], False) == "fused"
+    params = [x, layer.lora_A, layer.lora_B, layer.bias]
+    assert all(p.requires_grad for p in params)
+    torch.manual_seed(7)
+    y = layer(x)
+    if dropout:
+        torch.manual_seed(7)  # the very mask the layer drew
+        xd = x * fused.dropout_mask(x.reshape(-1, 64), dropout).reshape(x.shape) / (1 - dropout)
+        ref = layer.base_forward(x) + layer.scaling * (xd @ layer.lora_A.T) @ layer.lora_B.T
+    else:
+        layer.fusable = lambda *_: False  # the plain ops: bitsandbytes' autograd + adapter
+        assert layer._route(x, ["default"], False) == "in_place"
+        ref = layer(x)
+        del layer.fusable
+    assert_close_fp32(y, ref)
+    g = torch.randn_like(y)
+    got, want = torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)
+    for a, b in zip(got, want, strict=True):
+        assert a.abs().max() > 0
+        assert_close_fp32(a, b)
+
+
+def _saved_bytes(net: nn.Module, x: torch.Tensor) -> tuple[int, int, list[torch.Tensor]]:
+    """(all bytes saved for backward, those not held by the model, the saved tensors), each
+    storage counted once."""
+    saved: dict[int, int] = {}
+    tensors: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        saved[s.data_ptr()] = s.nbytes()
+        tensors.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = net(x)
+    held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    y.sum().backward()
+    return (sum(saved.values()), sum(n for p, n in saved.items() if p not in held), tensors)
+
+
+def test_a_4bit_step_saves_no_more_than_dense_lora_plus_the_packed_weights():
+    """The probe of issue 21 (576 -> 1536 -> 576, 1,024 tokens, r=8, dropout 0.05): the
+    one-node 4-bit path saves the dense one-node path's activations and the packed 4-bit
+    weights, never a dense copy of W (the plain 4-bit ops saved 3.9 MiB more)."""
+    x = torch.randn(1024, 576)
+    dense = _probe(None, 576, 1536, 0.05)
+    dense_all, dense_act, _ = _saved_bytes(dense, x)
+    dense_w = sum(dense[i].weight.untyped_storage().nbytes() for i in (0, 2))
+    q = _probe("nf4", 576, 1536, 0.05)
+    packed = sum(q[i].weight.untyped_storage().nbytes() for i in (0, 2))
+    q_all, q_act, tensors = _saved_bytes(q, x)
+    assert q_act <= dense_act  # the same activations (x, a bool mask, A x, the ReLU's)
+    assert q_all <= dense_all - dense_w + packed  # and the packed weights in place of W
+    shapes = {(1536, 576), (576, 1536)}  # a dense W, either way round
+    assert not [t for t in tensors if t.is_floating_point() and tuple(t.shape) in shapes]
+    assert [t for t in tensors if t.dtype == torch.uint8]  # the packed weights are saved
+    for i in (0, 2):
+        q[i].fusable = lambda *_: False
+    plain_all, _, _ = _saved_bytes(q, x)
+    assert q_all < plain_all - 2 * 2**20

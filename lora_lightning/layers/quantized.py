@@ -3,7 +3,13 @@
 
 A quantized weight is one more kind of base behind the base-weight seam
 (``layers/base.py``): the forward runs bitsandbytes' own op for ``W x`` and adds
-``s·B(A x)`` with float32 adapters as on any Linear; :meth:`dense_weight` dequantizes (for
+``s·B(A x)`` with float32 adapters as on any Linear. In training, a 4-bit layer whose
+input has its compute dtype (no autocast) takes the one-node path of ``layers/fused.py``
+like a dense Linear: bitsandbytes' 4-bit product without autograd forward, and ``g W`` in
+backward from W dequantized into a temporary, so only the packed 4-bit weight is saved
+(:class:`Base4bit`). An 8-bit layer keeps the plain ops: LLM.int8() quantizes each input
+row and splits outlier columns inside its own autograd function, with state kept on the
+layer, which the one-node path would have to reimplement; :meth:`dense_weight` dequantizes (for
 DoRA's norm, merges and the dense export); :meth:`write_weight` quantizes again, which
 rounds to the 4-bit (or 8-bit) grid, so merging into it is refused unless asked for
 (:attr:`merge_loss`, :func:`~lora_lightning.merge.merge_lora`).
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 
 from .types import MatmulLoRA, _made, register_layer_type, register_lazily
 
-__all__ = ["QuantizedLinearLoRA", "dense_quantized_weight", "is_quantized_linear",
+__all__ = ["Base4bit", "QuantizedLinearLoRA", "dense_quantized_weight", "is_quantized_linear",
            "quantized_classes", "quantize_weight"]
 
 LOSS_4BIT = ("writing W + ΔW back in 4 bits rounds every weight to one of 16 levels per "
@@ -108,13 +114,47 @@ def quantize_weight(module: nn.Module, value: Tensor, kind: str | None = None) -
     module.state.CB = module.state.SCB = None
 
 
+class Base4bit:
+    """:class:`~lora_lightning.layers.fused.BaseOp` of a bitsandbytes 4-bit weight (the
+    packed bytes, with their quantization state): ``x Wᵀ + b`` is bitsandbytes' own
+    4-bit product, and ``g W`` dequantizes W into a temporary of ``g``'s dtype (what
+    bitsandbytes' own backward does), so no dense copy of W outlives the call."""
+
+    def __init__(self, quant_state: Any) -> None:
+        self.quant_state = quant_state
+
+    def forward(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        import bitsandbytes as bnb
+
+        with torch.no_grad():
+            return bnb.matmul_4bit(x, w, quant_state=self.quant_state, bias=bias)
+
+    def input_grad(self, g: Tensor, w: Tensor) -> Tensor:
+        import bitsandbytes.functional as bf
+
+        return g.mm(bf.dequantize_4bit(w, self.quant_state).to(g.dtype))
+
+
 class QuantizedLinearLoRA(MatmulLoRA):
     """LoRA on a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (see the module docstring).
     The base computes in its compute dtype; adapters default to float32."""
 
     can_fold = False  # the base product stays bitsandbytes' own op
-    can_fuse = False  # layers/fused.py takes a dense weight; a 4-bit one runs the plain ops
     merge_loss = LOSS_4BIT
+
+    def fusable(self, x: Tensor, name: str) -> bool:
+        """The one-node path (:class:`Base4bit`) for an input in the layer's compute dtype,
+        without autocast (bitsandbytes' product does not follow autocast) and in the
+        weight's stored layout; otherwise the plain ops."""
+        qs = getattr(self.weight, "quant_state", None)
+        if (qs is None or self.weight.requires_grad or getattr(qs, "packing_format_for_cpu", False)
+                or torch.is_autocast_enabled(x.device.type)):
+            return False
+        dtype = getattr(self, "compute_dtype", None)
+        return x.dtype == dtype and (self.bias is None or self.bias.dtype == dtype)
+
+    def fused_base(self) -> tuple[Tensor, Base4bit]:
+        return self.weight.data, Base4bit(self.weight.quant_state)
 
     def _lora_setup(self) -> None:
         super()._lora_setup()
@@ -173,6 +213,7 @@ class QuantizedLinearLoRA(MatmulLoRA):
 class Quantized8bitLoRA(QuantizedLinearLoRA):
     """``Linear8bitLt``: the same, with int8 rows and a float scale per row."""
 
+    can_fuse = False  # LLM.int8() runs its own op (see the module docstring)
     merge_loss = LOSS_8BIT
 
     def base_dtype(self) -> torch.dtype:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import LayerTypeError
 from .base import LoRALayer, type_name
-from .fused import linear_lora
+from .fused import DENSE, BaseOp, linear_lora
 
 __all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAEmbedding", "LoRALayer", "LoRALinear",
            "hf_conv1d_type", "layer_types", "lora_type_for", "register_layer_type"]
@@ -65,8 +65,8 @@ class MatmulLoRA(LoRALayer):
 
     def fusable(self, x: Tensor, name: str) -> bool:
         """Whether :func:`~lora_lightning.layers.fused.linear_lora` can compute this forward:
-        a plain dense frozen base (a quantized or trainable base takes the plain ops) in the
-        input's dtype, or autocast, which casts everything. The adapter's small tensors are
+        a plain dense frozen base (a trainable base takes the plain ops; a quantized one
+        decides in its own type) in the input's dtype, or autocast, which casts everything. The adapter's small tensors are
         cast to the input's dtype, never the input to theirs: float32 adapters on a bfloat16
         base compute in bfloat16, as under autocast, and get float32 gradients."""
         w = self.base_weight()
@@ -76,19 +76,26 @@ class MatmulLoRA(LoRALayer):
             return True
         return x.dtype == w.dtype and (self.bias is None or self.bias.dtype == w.dtype)
 
+    def fused_base(self) -> tuple[Tensor, BaseOp]:
+        """The base for :func:`~lora_lightning.layers.fused.linear_lora`: the stored weight
+        saved for backward and the op computing ``x Wᵀ + b`` and ``g W`` from it (here the
+        dense out-first weight and :data:`~lora_lightning.layers.fused.DENSE`)."""
+        return self.out_first(self.base_weight()), DENSE
+
     def fused_forward(self, x: Tensor, name: str) -> Tensor:
         spec = self.lora_specs[name]
         a, b = self._ab(name)
-        w, bias = self.out_first(self.base_weight()), self.bias
+        (w, base), bias = self.fused_base(), self.bias
         x2 = x.reshape(-1, x.shape[-1])
         device = x.device.type
         if torch.is_autocast_enabled(device):  # cast as autocast casts F.linear's arguments
+            # (a dense base only: fusable() refuses autocast for a base that is not)
             dtype = torch.get_autocast_dtype(device)
             x2, w = x2.to(dtype), w.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         a, b = a.to(x2.dtype), b.to(x2.dtype)  # no-ops when the dtypes agree
         p = spec.dropout if self.training else 0.0
-        out = linear_lora(x2, w, bias, a, b, spec.scaling, p)
+        out = linear_lora(x2, w, bias, a, b, spec.scaling, p, base)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def folded_forward(self, x, weight):
