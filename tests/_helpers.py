@@ -1,5 +1,6 @@
-"""Helpers the tests share: adapters given random values, and the one tolerance used to
-compare outputs that two different computations produce.
+"""Helpers the tests share: adapters given random values, the one tolerance used to
+compare outputs that two different computations produce, and a benchmark script loaded as a
+module.
 
 Bit-exact equality (``torch.equal``, ``rtol=0, atol=0``) is kept for the same computation
 in one process: a tensor saved and loaded back, a value copied, a forward run twice on the
@@ -12,7 +13,12 @@ default kernels disagree in the last bits) and only agree up to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -107,3 +113,26 @@ def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
                if v.dtype != before["state"][k].dtype
                or not torch.equal(v, before["state"][k])]
     assert not changed, f"tensors changed: {changed}"
+
+
+# -- benchmark scripts -------------------------------------------------------------------
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def loaded_benchmark(path: str, *also_imports: str) -> Iterator[ModuleType]:
+    """``benchmarks/<path>`` (``"bench_lora.py"``, ``"gpu/bench_gpu.py"``) run as a module
+    named after its file, which stays in ``sys.modules`` while the block runs (dataclasses
+    look their module up by name). On leaving, it is dropped from ``sys.modules`` with the
+    sibling benchmarks it imports by name (``also_imports``: ``"bench_lora"``...), so the
+    next test loads them afresh."""
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for loaded in (name, *also_imports):
+            sys.modules.pop(loaded, None)

@@ -4,26 +4,16 @@ copies than the plain ops (which cast every adapted layer's input to float32).""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_activations.py"
+from tests._helpers import loaded_benchmark
 
 
 def test_tiny_run_fills_every_row_and_the_default_path_saves_less_on_bf16():
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("bench_activations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_activations"] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_benchmark("bench_activations.py") as module:
         rows = module.main(["--tiny"])
-    finally:
-        sys.modules.pop("bench_activations", None)
     assert len(rows) == 16
     by = {(label, name): (mib, copies, gemms) for label, name, mib, copies, gemms in rows}
     for (_, name), (mib, _, gemms) in by.items():

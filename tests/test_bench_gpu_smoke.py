@@ -3,31 +3,22 @@ every section on a tiny model and reports every ratio, so the GPU run has been t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_gpu.py"
+from tests._helpers import loaded_benchmark
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_benchmark("gpu/bench_gpu.py") as module:
         out = tmp_path_factory.mktemp("gpu")
         rows = module.main(["--device", "cpu", "--smoke", "--compile-layers", "1",
                             "--out", str(out)])
-    finally:
-        sys.modules.pop("bench_gpu", None)
     return rows, out
 
 

@@ -6,29 +6,19 @@ run on SmolLM2 is committed in benchmarks/results_lm.md.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lm.py"
+from tests._helpers import loaded_benchmark
 
 
 def test_bench_lm_runs_every_variant_and_ratio(tmp_path, tiny_lm_dir):
     pytest.importorskip("peft")  # the benchmark's PEFT variants
-    spec = importlib.util.spec_from_file_location("bench_lm", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lm"] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_benchmark("bench_lm.py", "bench_lora") as module:
         out = tmp_path / "results.md"
         report = module.main(["--model-path", str(tiny_lm_dir), "--batch", "2", "--seq", "16",
                               "--steps", "1", "--threads", "1", "--out", str(out)])
-    finally:
-        sys.modules.pop("bench_lm", None)
-        sys.modules.pop("bench_lora", None)
     assert out.read_text() == report
     ratios = re.findall(r"^\| ours .* \| (\d+\.\d{3}) \|", report, re.MULTILINE)
     assert len(ratios) == 5 and all(float(r) > 0 for r in ratios)

@@ -3,19 +3,15 @@ a ratio to the base model (the GPU figures themselves are pending a GPU machine)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_multi_gpu.py"
+from tests._helpers import loaded_benchmark
 
 
 def test_smoke_mode_runs_every_section(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_multi_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
+    with loaded_benchmark("gpu/bench_multi_gpu.py") as module:
+        rows = module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_multi_gpu.json").read_text()) == rows
     sections = [r["section"] for r in rows]
     assert sections == ["setup", "mixed", "mixed", "single", "single", "decode"]

@@ -5,26 +5,17 @@ No timing assertions: timings on a shared CI machine mean nothing at these sizes
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora.py"
+from tests._helpers import loaded_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lora"] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
+    with loaded_benchmark("bench_lora.py") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_lora", None)
 
 
 @pytest.fixture(scope="module")

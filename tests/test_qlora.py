@@ -13,7 +13,13 @@ import sys
 
 import pytest
 import torch
-from _helpers import assert_close_fp32, assert_unchanged, randomize_adapters, snapshot_model
+from _helpers import (
+    assert_close_fp32,
+    assert_unchanged,
+    loaded_benchmark,
+    randomize_adapters,
+    snapshot_model,
+)
 from torch import nn
 
 from lora_lightning import (
@@ -390,20 +396,10 @@ def test_the_qlora_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
     """``benchmarks/gpu/bench_qlora_gpu.py --device cpu --smoke`` runs
     ``benchmarks/bench_qlora.py``'s tiny preset: every row filled, and ours and PEFT
     compute the same loss on the same 4-bit base and adapters. No timing assertions."""
-    import importlib.util
-    from pathlib import Path
-
     for package in ("peft", "transformers"):
         pytest.importorskip(package)
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_qlora_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_qlora_gpu", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
+    with loaded_benchmark("gpu/bench_qlora_gpu.py", "bench_qlora", "bench_lora") as module:
         text = module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path / "r.md")])
-    finally:
-        for name in ("bench_qlora", "bench_lora"):
-            sys.modules.pop(name, None)
     assert text == (tmp_path / "r.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| variant")}
