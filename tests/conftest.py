@@ -16,6 +16,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def sl():
+    """benchmarks/serve_load.py as a module: the server tests start the server with its
+    ``Server`` and send requests with its ``call``."""
+    from _helpers import loaded_benchmark
+
+    with loaded_benchmark("serve_load.py") as module:
+        yield module
+
+
 def _inductor_follows_a_forced_cpu_capability() -> None:
     """With ``ATEN_CPU_CAPABILITY`` forced (the suite is checked under ``avx2`` and
     ``default``), ATen's headers are built for that capability while inductor still picks

@@ -8,10 +8,8 @@ status and one sentence; a small load test (benchmarks/serve_load.py) runs to th
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import shutil
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,21 +20,8 @@ import torch
 from lora_lightning import load_adapter, set_adapter
 from tests._serve_models import make_adapters, make_served
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 TEXTS = ["To be, or not to be", "My lord, the king your father.", "Whether",
          "The slings and arrows of outrageous fortune, or to take arms"]
-
-
-@pytest.fixture(scope="module")
-def sl():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("serve_load", None)
 
 
 class Payload:

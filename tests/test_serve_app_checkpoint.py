@@ -10,7 +10,6 @@ time.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -34,22 +33,9 @@ from tests._helpers import randomize_adapters
 from tests._tiny_lm import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "serve_load.py"
 LABELS = ["bad", "good", "meh"]
 TEXTS = ["this film is good", "bad bad bad, number 7", "meh", "a long text " * 12]
 MAX_LENGTH = 16
-
-
-@pytest.fixture(scope="module")
-def sl():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("serve_load", None)
 
 
 def _tiny_encoder(folder: Path) -> Path:
