@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from _tiny import NetTraining, sign_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,26 +15,11 @@ from lora_lightning import LoRACallback, LoRAConfig, load_lora_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Module(L.LightningModule):
+class Module(NetTraining, L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x).float(), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
-def data() -> DataLoader:
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
 
 
 def fit(tmp_path, precision: str, rule: str | None = None) -> tuple[Module, L.Trainer]:
@@ -43,7 +29,7 @@ def fit(tmp_path, precision: str, rule: str | None = None) -> tuple[Module, L.Tr
                         enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, default_root_dir=tmp_path,
                         callbacks=[LoRACallback(cfg, verbose=False)])
-    trainer.fit(module, data())
+    trainer.fit(module, sign_data())
     return module, trainer
 
 
@@ -102,7 +88,7 @@ def _fp16_mixed(tmp_path, rule: str | None):
 def test_16_mixed_with_its_grad_scaler_trains_float32_adapters_on_a_float16_base(tmp_path):
     module, plugin, trainer = _fp16_mixed(tmp_path, None)
     head = module.net[2].weight.detach().clone()
-    trainer.fit(module, data())
+    trainer.fit(module, sign_data())
     assert plugin.scaler is not None and plugin.scaler._scale is not None  # it scaled
     assert module.net[0].weight.dtype == torch.float16
     assert module.net[0].lora_A.dtype == module.net[2].weight.dtype == torch.float32
@@ -115,4 +101,4 @@ def test_16_mixed_refuses_float16_adapters_naming_the_fix(tmp_path):
 
     module, _, trainer = _fp16_mixed(tmp_path, "base")
     with pytest.raises(ConfigError, match=r"GradScaler.*net\.0\.lora_A.*adapter_dtype=None"):
-        trainer.fit(module, data())
+        trainer.fit(module, sign_data())

@@ -12,8 +12,8 @@ import lightning as L
 import pytest
 import torch
 from _helpers import assert_close_fp32
+from _tiny import NetTraining, sign_data
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lora_lightning import (
     LoRACallback,
@@ -186,25 +186,10 @@ def test_the_dora_magnitude_follows_the_rule_and_conversions(rule, want):
 
 
 # -- through the Trainer --------------------------------------------------------------
-class Module(L.LightningModule):
+class Module(NetTraining, L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = Net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x).float(), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
-def data() -> DataLoader:
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
 
 
 def trainer(root, epochs: int, precision: str = "bf16-true", rule=None) -> L.Trainer:
@@ -221,7 +206,7 @@ def test_bf16_true_trains_saves_resumes_and_loads_the_head_in_its_dtype(tmp_path
     module = Module()
     start = module.net.head.weight.detach().clone()
     t = trainer(tmp_path, 1, rule=rule)
-    t.fit(module, data())
+    t.fit(module, sign_data())
     head = module.net.head
     assert module.net.fc.weight.dtype == BF16 and head.weight.dtype == want
     assert not torch.equal(head.weight.detach().float(), start)  # trained
@@ -232,9 +217,9 @@ def test_bf16_true_trains_saves_resumes_and_loads_the_head_in_its_dtype(tmp_path
     assert saved["net.head.weight"].dtype == want and "net.fc.weight" not in saved
     # resume: one more epoch from the file equals two epochs in a row
     straight = Module()
-    trainer(tmp_path, 2, rule=rule).fit(straight, data())
+    trainer(tmp_path, 2, rule=rule).fit(straight, sign_data())
     resumed = Module()
-    trainer(tmp_path, 2, rule=rule).fit(resumed, data(), ckpt_path=path)
+    trainer(tmp_path, 2, rule=rule).fit(resumed, sign_data(), ckpt_path=path)
     assert resumed.net.head.weight.dtype == want
     for key, value in straight.state_dict().items():
         assert_close_fp32(resumed.state_dict()[key].float(), value.float())
