@@ -108,11 +108,12 @@ def ours_with(base: nn.Module, n: int) -> nn.Module:
     return model.eval()
 
 
-def peft_with(base: nn.Module, n: int, ours: nn.Module):
-    """PEFT's model with the same adapter values as ``ours``."""
+def peft_with(base: nn.Module, n: int, ours: nn.Module, targets=QV, r: int = 8):
+    """PEFT's model of ``base`` with adapters a0 .. a{n-1} (rank ``r``, alpha 2r, on
+    ``targets``: MiniLM's query and value unless told) holding the same values as ``ours``."""
     import peft
 
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV, lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
     model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", cfg)
@@ -251,28 +252,12 @@ def llama_adapters(base: nn.Module, n: int, targets, r: int = 16) -> nn.Module:
     return model.eval()
 
 
-def llama_peft(base: nn.Module, n: int, ours: nn.Module, r: int = 16):
-    import peft
-
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_QV, lora_dropout=0.0)
-    model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
-    for i in range(1, n):
-        model.add_adapter(f"a{i}", cfg)
-    mine = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                layer, ab, adapter = name[len("base_model.model."):].rsplit(".", 3)[:3]
-                p.copy_(mine[f"{layer}.{ab}_{adapter}"])
-    return model.eval()
-
-
 def bench_llama(rounds: int, shapes=((16, 64), (64, 1)), hidden: int = 512, layers: int = 4,
                 adapters: int = 16) -> list[tuple]:
     """Item 5 of the module doc: mixed, PEFT mixed, single q,v, single all-linear, base."""
     base = llama(hidden, layers)
     ours = llama_adapters(base, adapters, LLAMA_QV)
-    theirs = llama_peft(base, adapters, ours)
+    theirs = peft_with(base, adapters, ours, LLAMA_QV, r=16)
     single = llama_adapters(base, 1, "all-linear")
     set_adapter(ours, "a0")
     rows = []

@@ -10,7 +10,7 @@ from tests._helpers import loaded_benchmark
 
 
 def test_smoke_mode_runs_every_section(tmp_path):
-    with loaded_benchmark("gpu/bench_multi_gpu.py") as module:
+    with loaded_benchmark("gpu/bench_multi_gpu.py", "bench_multi") as module:
         rows = module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_multi_gpu.json").read_text()) == rows
     sections = [r["section"] for r in rows]

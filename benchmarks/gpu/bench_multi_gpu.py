@@ -28,12 +28,16 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from lora_lightning import LoRAConfig, inject_lora, per_sample_adapters, set_adapter
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_multi import peft_with  # noqa: E402
+
+from lora_lightning import LoRAConfig, inject_lora, per_sample_adapters, set_adapter  # noqa: E402
 
 QV = ["q_proj", "v_proj"]
 RESULTS: list[dict] = []
@@ -98,20 +102,10 @@ def with_adapters(base, n: int, targets, seed: int = 1):
 def peft_like(base, ours, n: int):
     """PEFT's model with ours' adapter values (None if peft is missing)."""
     try:
-        import peft
+        import peft  # noqa: F401
     except ImportError:
         return None
-    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=QV, lora_dropout=0.0)
-    model = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
-    for i in range(1, n):
-        model.add_adapter(f"a{i}", cfg)
-    mine = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                layer, ab, adapter = name[len("base_model.model."):].rsplit(".", 3)[:3]
-                p.copy_(mine[f"{layer}.{ab}_{adapter}"])
-    return model.eval()
+    return peft_with(base, n, ours, QV, r=16)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
