@@ -394,14 +394,14 @@ def _profiled_peak(prof) -> int | None:
     return peak
 
 
-def measure_memory(v: Variant, case: Case) -> None:
-    """Profile one training step: peak live tensor bytes, bytes saved for backward."""
+def profiled_step(step: Callable[[], object], live_ptrs: set[int]
+                  ) -> tuple[object, int | None, int]:
+    """Run ``step`` (one training step) once under the CPU memory profiler: what it returns,
+    the peak its allocations reached (:func:`_profiled_peak`; None where the profiler
+    cannot say), and the bytes it saved for backward, once per storage, leaving out the
+    storages at ``live_ptrs`` (the weights and other tensors that live before the step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    v.opt.zero_grad(set_to_none=True)
-    live = {_storage(t) for t in _live_tensors(v, case)}
-    v.static_bytes = sum(nbytes for _, nbytes in live)
-    live_ptrs = {ptr for ptr, _ in live}
     saved: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -416,12 +416,20 @@ def measure_memory(v: Variant, case: Case) -> None:
             warnings.simplefilter("ignore")
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    train_step(v, case)
+                    result = step()
     finally:
         gc.enable()
-    peak = _profiled_peak(prof)
+    return result, _profiled_peak(prof), sum(saved.values())
+
+
+def measure_memory(v: Variant, case: Case) -> None:
+    """Profile one training step: peak live tensor bytes, bytes saved for backward."""
+    v.opt.zero_grad(set_to_none=True)
+    live = {_storage(t) for t in _live_tensors(v, case)}
+    v.static_bytes = sum(nbytes for _, nbytes in live)
+    _, peak, v.saved_bytes = profiled_step(lambda: train_step(v, case),
+                                           {ptr for ptr, _ in live})
     v.peak_bytes = None if peak is None else v.static_bytes + peak
-    v.saved_bytes = sum(saved.values())
     v.opt.zero_grad(set_to_none=True)
 
 

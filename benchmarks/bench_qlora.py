@@ -43,7 +43,6 @@ import gc  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,6 +50,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import _storage, paired_ratio, profiled_step  # noqa: E402
 
 from lora_lightning import LoRAConfig, inject_lora, lora_layers  # noqa: E402
 
@@ -193,7 +195,7 @@ def _live_bytes(v: Variant, ids: torch.Tensor) -> int:
     tensors = [*v.net.parameters(), *v.net.buffers(), ids]
     for state in v.opt.state.values():
         tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+    storages = {_storage(t) for t in tensors}
     return sum(n for _, n in storages)
 
 
@@ -209,41 +211,16 @@ def measure_memory(v: Variant, ids: torch.Tensor, device: str) -> None:
         torch.cuda.synchronize()
         v.peak_bytes = v.static_bytes + torch.cuda.max_memory_allocated() - base
         return
-    from bench_lora import _profiled_peak
-    from torch.profiler import ProfilerActivity, profile
-
     weights = {_storage(t) for t in [*v.net.parameters(), *v.net.buffers()]}
     weights |= {_storage(t) for t in _quant_state(v.net)}
-    saved: dict[int, int] = {}
-    skip = {ptr for ptr, _ in weights}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr, nbytes = _storage(t)
-        if ptr not in skip:  # frozen weights are saved too; they are not activations
-            saved[ptr] = nbytes
-        return t
-
-    gc.disable()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    v.loss = train_step(v, ids)
-    finally:
-        gc.enable()
-    peak = _profiled_peak(prof)
+    v.loss, peak, activations = profiled_step(lambda: train_step(v, ids),
+                                              {ptr for ptr, _ in weights})
     v.peak_bytes = None if peak is None else v.static_bytes + peak
     grads = {_storage(p.grad) for p in v.net.parameters() if p.grad is not None}
     state = {_storage(t) for s in v.opt.state.values() for t in s.values()
              if isinstance(t, torch.Tensor)}
     v.split = {"weights": sum(n for _, n in weights), "grads": sum(n for _, n in grads),
-               "optimizer": sum(n for _, n in state), "activations": sum(saved.values())}
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
+               "optimizer": sum(n for _, n in state), "activations": activations}
 
 
 def _quant_state(net: nn.Module) -> list[torch.Tensor]:
@@ -254,10 +231,6 @@ def _quant_state(net: nn.Module) -> list[torch.Tensor]:
         if qs is not None and hasattr(qs, "as_dict"):
             out += [t for t in qs.as_dict(packed=True).values() if isinstance(t, torch.Tensor)]
     return out
-
-
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def report(variants: list[Variant], preset: str, device: str, command: str) -> str:
@@ -314,7 +287,6 @@ def main(argv: Sequence[str] | None = None) -> str:
                 "'lora-lightning[qlora]'); nothing was measured.\n")
         print(text, end="")
         return text
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lora's profiler helper
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     batch, seq, warmup, steps = preset[6:]
