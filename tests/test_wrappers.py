@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 from _helpers import assert_close_fp32
+from _tiny import sign_data
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.data import DataLoader, TensorDataset
 
 from lora_lightning import (
     LoRACallback,
@@ -74,11 +74,6 @@ class Module(L.LightningModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
 
-def data() -> DataLoader:
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
-
-
 def trainer(root, epochs: int) -> L.Trainer:
     return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False,
@@ -91,11 +86,11 @@ X = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
 @pytest.mark.parametrize("wrap", ["checkpoint", "compile"])
 def test_a_wrapped_model_saves_resumes_and_loads_into_the_plain_model(tmp_path, wrap):
     reference = Module(wrap)
-    trainer(tmp_path, 2).fit(reference, data())
+    trainer(tmp_path, 2).fit(reference, sign_data())
 
     first = Module(wrap)
     t = trainer(tmp_path, 1)
-    t.fit(first, data())
+    t.fit(first, sign_data())
     path = tmp_path / "wrapped.ckpt"
     t.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)
@@ -105,7 +100,7 @@ def test_a_wrapped_model_saves_resumes_and_loads_into_the_plain_model(tmp_path, 
         f"net.blocks.{b}.{fc}" for b in (0, 1) for fc in ("fc1", "fc2"))
 
     resumed = Module(wrap)
-    trainer(tmp_path, 2).fit(resumed, data(), ckpt_path=path)
+    trainer(tmp_path, 2).fit(resumed, sign_data(), ckpt_path=path)
     for key, value in reference.state_dict().items():
         assert_close_fp32(resumed.state_dict()[key], value)
 
