@@ -136,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "kind": str(lora.kind),
         "rank": int(lora.config.r) if lora.get("config") else None,
         "targets": _targets(lora),
+        "label": lora.get("label"),  # the lora option's own name for its targets, if it has one
         "variant": lora_variant(lora.get("config")),  # DoRA, rsLoRA, LoRA+: in the run's label
         "seed": int(cfg.seed),
         "lr": lr_found if lr_found is not None else _lr(cfg),

@@ -6,6 +6,7 @@ runs in seconds; the end-to-end runs are in test_app_run.py and test_sweep_launc
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -130,6 +131,22 @@ def test_lora_options_build_their_callback(tmp_path, option, kind, expected):
         assert callback.export_adapter_dir == str(tmp_path / "run" / "adapter")
 
 
+def test_all_linear_emb_adapts_all_linear_layers_and_the_token_embedding(tmp_path):
+    # Its target list names all-linear's layers of MiniLM: planned on the real model, it
+    # must be exactly all-linear's plan plus the word embedding table.
+    from lora_lightning import LoRAConfig, plan_injection
+
+    with composed(tmp_path, "lora=all_linear_emb", "model.net.num_classes=2") as cfg:
+        net = instantiate(cfg.model.net)
+        config = LoRAConfig(**OmegaConf.to_container(cfg.lora.config))
+        assert cfg.lora.lr == 1.0e-3 and cfg.lora.label == "LoRA all-linear+embeddings"
+    linear = dataclasses.replace(config, target_modules="all-linear")
+    planned = set(plan_injection(net, config).new)
+    all_linear = set(plan_injection(net, linear).new)
+    assert planned - all_linear == {"encoder.embeddings.word_embeddings"}
+    assert all_linear <= planned and len(all_linear) == 36
+
+
 def test_learning_rate_follows_the_kind_of_run(tmp_path):
     rates = {}
     for option in ("none", "qv", "all_linear", "head_only"):
@@ -249,7 +266,7 @@ def test_launcher_options_compose_to_a_real_launcher(tmp_path, option):
 def test_full_vs_lora_is_a_four_run_sweep(tmp_path):
     with composed(tmp_path, "experiment=full_vs_lora") as cfg:
         assert cfg.hydra.mode == RunMode.MULTIRUN
-        assert cfg.hydra.sweeper.params.lora.split(",") == ["none", "qv", "all_linear", "head_only"]
+        assert cfg.hydra.sweeper.params.lora.split(",") == ["none", "qv", "all_linear_emb", "head_only"]
         assert cfg.name == "full_vs_lora"
         assert cfg.hydra.runtime.choices.model == "minilm"
         # The recipe: a budget of optimizer steps, not epochs, then a linear decay.

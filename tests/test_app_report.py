@@ -125,6 +125,17 @@ def test_a_run_label_names_what_differs_from_plain_lora(config, label):
     assert [g.label for g in group_results([result])] == [label]
 
 
+def test_a_lora_option_with_a_label_is_named_by_it_not_by_its_target_list():
+    # lora=all_linear_emb lists its layers by name; its label says what they amount to.
+    named = _result("lora_all_linear_emb", "lora", 8, 0, 0.7, 579_794, 0)
+    named.update(targets="query,key,value,dense,word_embeddings",
+                 label="LoRA all-linear+embeddings")
+    plain = _result("lora_qv", "lora", 8, 1, 0.7, 74_498, 1)
+    plain.update(targets="query,value", label=None)
+    labels = [g.label for g in group_results([named, plain])]
+    assert labels == ["LoRA query+value r=8", "LoRA all-linear+embeddings r=8"]
+
+
 def test_a_rank_series_label_names_the_variant_too():
     from lora_lightning.app.report import lora_variant
 

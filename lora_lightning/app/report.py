@@ -141,8 +141,10 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
         elif g.kind == "head_only":
             g.label = "head only (frozen encoder)"
         elif g.kind == "lora" and g.rank:
+            named = next((str(r["label"]) for r in g.runs if r.get("label")), "")
             targets = str(g.runs[0].get("targets") or "")
-            g.label = f"LoRA {targets.replace(',', '+')} r={g.rank}" if targets else g.run
+            g.label = (f"{named} r={g.rank}" if named
+                       else f"LoRA {targets.replace(',', '+')} r={g.rank}" if targets else g.run)
         else:
             g.label = g.run
         if g.kind == "lora" and g.runs[0].get("variant"):
