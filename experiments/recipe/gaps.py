@@ -1,41 +1,77 @@
-"""Per-seed test accuracy of full fine-tuning and LoRA all-linear on each held-out set,
-and the paired gap (LoRA minus full, in points), from the jobs' result.json files.
+"""Per-seed test accuracy of full fine-tuning and each LoRA run on a held-out set, and the
+paired gap (LoRA minus full fine-tuning, in points, same seed).
 
-    python experiments/recipe/gaps.py outputs/recipe_tweets outputs/recipe_speeches
+    python experiments/recipe/gaps.py tweets=outputs/recipe_tweets,experiments/recipe/tweets/earlier/sweep.csv \\
+        speeches=outputs/recipe_speeches,experiments/recipe/speeches/earlier/sweep.csv
+
+Each argument is ``set=source[,source...]``; a source is a sweep folder (the jobs'
+``result.json`` files) or a ``sweep.csv`` written by ``lora_lightning.app.report`` (runs
+kept from an earlier session). A run and seed found in two sources is an error.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import sys
 from pathlib import Path
 
+LABELS = {"full_ft": "full fine-tuning", "lora_all_linear": "LoRA all-linear",
+          "lora_all_linear_emb": "LoRA all-linear+embeddings"}
 
-def main(dirs: list[str]) -> None:
-    print("| set | seed | full fine-tuning | LoRA all-linear | LoRA − full (points) |")
-    print("|---|---:|---:|---:|---:|")
-    for folder in dirs:
-        acc: dict[tuple[str, int], float] = {}
-        for path in Path(folder).rglob("result.json"):
-            r = json.loads(path.read_text())
-            acc[(r["kind"], int(r["seed"]))] = float(r["test_acc"])
-        seeds = sorted({s for k, s in acc if ("full", s) in acc and ("lora", s) in acc})
-        name = Path(folder).name.removeprefix("recipe_")
-        for s in seeds:
-            full, lora = acc[("full", s)], acc[("lora", s)]
-            print(f"| {name} | {s} | {full:.4f} | {lora:.4f} | {100 * (lora - full):+.1f} |")
-        if len(seeds) > 1:
-            fulls = [acc[("full", s)] for s in seeds]
-            loras = [acc[("lora", s)] for s in seeds]
-            gaps = [100 * (b - a) for a, b in zip(fulls, loras, strict=True)]
-            print(f"| {name} | mean ± sd | {statistics.fmean(fulls):.4f} ± "
-                  f"{statistics.stdev(fulls):.4f} | {statistics.fmean(loras):.4f} ± "
-                  f"{statistics.stdev(loras):.4f} | {statistics.fmean(gaps):+.1f} ± "
-                  f"{statistics.stdev(gaps):.1f} |")
-        for s in sorted({s for _, s in acc} - set(seeds)):  # one of the two still pending
-            cells = [f"{acc[(k, s)]:.4f}" if (k, s) in acc else "pending" for k in ("full", "lora")]
-            print(f"| {name} | {s} | {cells[0]} | {cells[1]} | |")
+
+def _rows(source: Path) -> list[tuple[str, int, float]]:
+    if source.suffix == ".csv":
+        with source.open(newline="") as f:
+            return [(r["run"], int(r["seed"]), float(r["test_acc"])) for r in csv.DictReader(f)]
+    if not source.is_dir():
+        sys.exit(f"gaps.py: {source} is neither a sweep folder nor a sweep.csv; pass one of those.")
+    rows = []
+    for path in sorted(source.rglob("result.json")):
+        r = json.loads(path.read_text())
+        rows.append((str(r["run"]), int(r["seed"]), float(r["test_acc"])))
+    return rows
+
+
+def _collect(sources: list[Path]) -> dict[str, dict[int, float]]:
+    acc: dict[str, dict[int, float]] = {}
+    for source in sources:
+        for run, seed, value in _rows(source):
+            if seed in acc.setdefault(run, {}):
+                sys.exit(f"gaps.py: {run} seed {seed} appears twice (again in {source}); "
+                         "keep each run in one source.")
+            acc[run][seed] = value
+    return acc
+
+
+def _mean_sd(values: list[float], scale: float = 1.0, fmt: str = ".4f") -> str:
+    values = [scale * v for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{fmt}} ± {sd:{fmt.replace('+', '')}}"
+
+
+def main(args: list[str]) -> None:
+    if not args or any("=" not in a for a in args):
+        sys.exit("usage: gaps.py SET=SOURCE[,SOURCE...] ...  (e.g. "
+                 "tweets=outputs/recipe_tweets,experiments/recipe/tweets/earlier/sweep.csv)")
+    print("| set | LoRA run | seeds | full fine-tuning | LoRA | LoRA − full (points), per seed "
+          "| mean ± sd |")
+    print("|---|---|---|---:|---:|---|---:|")
+    for arg in args:
+        name, _, spec = arg.partition("=")
+        acc = _collect([Path(s) for s in spec.split(",") if s])
+        full = acc.get("full_ft", {})
+        for run in sorted(r for r in acc if r != "full_ft"):
+            seeds = sorted(set(acc[run]) & set(full))
+            if not seeds:
+                print(f"| {name} | {LABELS.get(run, run)} | none paired | | | | |")
+                continue
+            gaps = [100 * (acc[run][s] - full[s]) for s in seeds]
+            per_seed = ", ".join(f"{g:+.1f}" for g in gaps)
+            print(f"| {name} | {LABELS.get(run, run)} | {','.join(map(str, seeds))} | "
+                  f"{_mean_sd([full[s] for s in seeds])} | {_mean_sd([acc[run][s] for s in seeds])} "
+                  f"| {per_seed} | **{_mean_sd(gaps, fmt='+.1f')}** |")
 
 
 if __name__ == "__main__":
