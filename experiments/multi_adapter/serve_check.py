@@ -13,7 +13,8 @@
 3. Load test with benchmarks/serve_load.py's client (``compare``): interleaved rounds of
    every request naming ``sentiment`` vs requests alternating sentiment and party, on the
    same texts (sentiment snippets and party passages alternating), throughput and p50/p99
-   latency.
+   latency, with ``--concurrency`` clients and then with one client (a quarter of the
+   requests: the latency of a request that waits for no other).
 
 Writes ``serve_results.json`` beside this file.
 
@@ -111,10 +112,14 @@ def main() -> None:
         with ThreadPoolExecutor(args.concurrency) as pool:
             answers = list(pool.map(lambda j: sl.call(
                 srv.port, "POST", "/predict", {"adapter": j[1], "text": j[2]}), jobs))
+        texts = [t for pair in zip(tests["sentiment"], tests["party"], strict=True)
+                 for t, _ in pair]
         report["load_test"] = sl.compare(
             srv.port, ["sentiment", "party"], args.rounds, args.requests, args.concurrency,
-            args.time_limit,
-            texts=[t for pair in zip(tests["sentiment"], tests["party"], strict=True) for t, _ in pair])
+            args.time_limit, texts)
+        report["one_client"] = sl.compare(  # latency without queueing: one request at a time
+            srv.port, ["sentiment", "party"], args.rounds, args.requests // 4, 1,
+            args.time_limit, texts)
     worst, right = 0.0, {}
     for (task, adapter, text, y), (status, body) in zip(jobs, answers, strict=True):
         assert status == 200, (adapter, text, body)
