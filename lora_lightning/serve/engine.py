@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import delete_adapter, list_adapters, load_adapter, per_sample_adapters
 from ..errors import AdapterFileError, LoRAError
-from ..io.adapter_files import CONFIG_NAME, read_label_names
+from ..io.adapter_files import CONFIG_NAME, LABELS_FIELD, SECTION, read_label_names
 from ..registry import AdapterNameError, check_name
 from .app_checkpoint import INPUTS, is_checkpoint, load_app_checkpoint, read_run_config
 
@@ -158,7 +158,7 @@ class ServedModel:
                 f"{path / CONFIG_NAME}: adapter {name!r} names {len(labels)} labels "
                 f"{labels}, but the served model's head has {len(self.labels)} outputs "
                 f"({self.labels}); save the adapter with one name per output of the head",
-                str(path / CONFIG_NAME), "lora_lightning.label_names")
+                str(path / CONFIG_NAME), f"{SECTION}.{LABELS_FIELD}")
         load_adapter(self.model, path, adapter=name)
         if labels is not None:
             self.adapter_labels[name] = labels
