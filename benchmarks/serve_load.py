@@ -142,9 +142,10 @@ class LoadResult:
 
 
 def load(port: int, adapters: Sequence[str | None], requests: int, concurrency: int,
-         time_limit: float) -> LoadResult:
+         time_limit: float, texts: Sequence[str] = TEXTS) -> LoadResult:
     """``requests`` predictions from ``concurrency`` clients, request ``i`` naming
-    ``adapters[i % len(adapters)]``; no request is sent after ``time_limit`` seconds."""
+    ``adapters[i % len(adapters)]`` with ``texts[i % len(texts)]``; no request is sent
+    after ``time_limit`` seconds."""
     lock = threading.Lock()
     state = {"next": 0}
     latencies: list[float] = []
@@ -160,7 +161,7 @@ def load(port: int, adapters: Sequence[str | None], requests: int, concurrency: 
                     break
                 state["next"] = i + 1
             body = json.dumps({"adapter": adapters[i % len(adapters)],
-                               "text": TEXTS[i % len(TEXTS)]})
+                               "text": texts[i % len(texts)]})
             t0 = time.monotonic()
             conn.request("POST", "/predict", body=body,
                          headers={"Content-Type": "application/json"})
@@ -183,14 +184,14 @@ def load(port: int, adapters: Sequence[str | None], requests: int, concurrency: 
 
 
 def compare(port: int, names: Sequence[str], rounds: int, requests: int, concurrency: int,
-            time_limit: float) -> dict:
-    """Interleaved rounds of one adapter vs all of ``names`` mixed; medians per variant
-    and the median of paired throughput ratios."""
-    load(port, list(names), concurrency * 2, concurrency, time_limit)  # warm-up
+            time_limit: float, texts: Sequence[str] = TEXTS) -> dict:
+    """Interleaved rounds of one adapter vs all of ``names`` mixed, on the same ``texts``
+    in the same order; medians per variant and the median of paired throughput ratios."""
+    load(port, list(names), concurrency * 2, concurrency, time_limit, texts)  # warm-up
     runs: dict[str, list[LoadResult]] = {"single": [], "mixed": []}
     for _ in range(rounds):
-        runs["single"].append(load(port, [names[0]], requests, concurrency, time_limit))
-        runs["mixed"].append(load(port, list(names), requests, concurrency, time_limit))
+        runs["single"].append(load(port, [names[0]], requests, concurrency, time_limit, texts))
+        runs["mixed"].append(load(port, list(names), requests, concurrency, time_limit, texts))
     report = {}
     for variant, results in runs.items():
         report[variant] = {

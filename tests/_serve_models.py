@@ -33,9 +33,11 @@ def make_tiny_classifier(folder: Path, seed: int = 0, hidden: int = 32, layers: 
 
 
 def make_adapters(model_folder: Path, out: Path, names: list[str], task: str,
-                  seed: int = 1, rank: int | None = None) -> dict[str, Path]:
+                  seed: int = 1, rank: int | None = None,
+                  labels: dict[str, list[str]] | None = None) -> dict[str, Path]:
     """One adapter directory per name under ``out`` (ranks 2, 4, 8, 2, ... in turn unless
-    ``rank`` is given; a classifier's adapters each carry their own head)."""
+    ``rank`` is given; a classifier's adapters each carry their own head, and those named
+    in ``labels`` their own label names)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
@@ -48,14 +50,17 @@ def make_adapters(model_folder: Path, out: Path, names: list[str], task: str,
                   else LoRAConfig(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
         inject_lora(model, config, adapter=name)
         randomize_adapters(model, seed=seed + k, std=0.5, adapter=name)
-        dirs[name] = save_adapter(model, out / name, adapter=name)
+        dirs[name] = save_adapter(model, out / name, adapter=name,
+                                  label_names=(labels or {}).get(name))
     return dirs
 
 
 def make_served(root: Path, task: str, names: list[str], hidden: int = 32, layers: int = 2,
-                rank: int | None = None) -> tuple[Path, dict[str, Path]]:
+                rank: int | None = None, labels: dict[str, list[str]] | None = None
+                ) -> tuple[Path, dict[str, Path]]:
     """The model folder and the adapter directories (under ``root/adapters``); ``hidden``
     and ``layers`` size the classifier (the causal LM is always the tiny one)."""
     model = (make_tiny_classifier(root / "model", hidden=hidden, layers=layers)
              if task == "classify" else make_tiny_lm(root / "model"))
-    return model, make_adapters(model, root / "adapters", names, task, rank=rank)
+    return model, make_adapters(model, root / "adapters", names, task, rank=rank,
+                                labels=labels)

@@ -537,3 +537,43 @@ def test_failed_load_into_injected_model_leaves_it_unchanged(tmp_path):
     with pytest.raises(AdapterLoadError, match=r"missing adapter keys \['g\.lora_B'\]"):
         load_adapter(model, directory)
     assert_state(model, before)
+
+
+# -- label names travel with a classifier adapter ---------------------------------------
+def test_label_names_round_trip_and_leave_loading_unchanged(tmp_path):
+    from lora_lightning.io.adapter_files import read_label_names
+
+    model, base = trained()
+    save_adapter(model, tmp_path / "plain")
+    save_adapter(model, tmp_path / "named", label_names=["sad", "flat", "glad"])
+    assert read_label_names(tmp_path / "plain") is None
+    assert read_label_names(tmp_path / "named") == ["sad", "flat", "glad"]
+    # The names sit in our own section only: PEFT's fields and the weights are the same.
+    plain, named = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                    for d in ("plain", "named"))
+    assert named["lora_lightning"].pop("label_names") == ["sad", "flat", "glad"]
+    assert named == plain
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "named")
+    with torch.no_grad():
+        assert torch.equal(loaded(X), model(X))
+
+
+@pytest.mark.parametrize("names", ["sad", ["sad"], ["sad", "sad", "glad"], ["sad", 3, "glad"],
+                                   ["sad", "", "glad"]])
+def test_bad_label_names_are_refused_naming_the_value(tmp_path, names):
+    from lora_lightning.errors import ArgumentError
+    from lora_lightning.io.adapter_files import read_label_names
+
+    model, _ = trained()
+    with pytest.raises(ArgumentError, match=r"save_adapter\.label_names: got .*expected a list"):
+        save_adapter(model, tmp_path / "a", label_names=names)
+    assert not (tmp_path / "a").exists()
+    save_adapter(model, tmp_path / "b", label_names=["x", "y", "z"])
+    path = tmp_path / "b" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["lora_lightning"]["label_names"] = names
+    path.write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match=r"lora_lightning\.label_names is .*expected a "
+                                               r"list") as info:
+        read_label_names(tmp_path / "b")
+    assert info.value.field == "lora_lightning.label_names" and str(path) in str(info.value)

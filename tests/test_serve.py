@@ -3,11 +3,13 @@ lora_lightning.serve`` starts on 127.0.0.1 with a tiny model and three adapters,
 requests are sent concurrently (so LitServe batches them into mixed batches), and each
 answer equals what the Python API gives for that adapter alone. Adapters are hot-loaded
 and deleted while requests are in flight; broken requests and refused files get their
-status and one sentence; a small load test (benchmarks/serve_load.py) runs to the end.
+status and one sentence; a small load test (benchmarks/serve_load.py) runs to the end. Adapter ``b`` and the
+hot-loaded ``d`` were saved with label names of their own, which they answer with.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import threading
@@ -20,6 +22,7 @@ import torch
 from lora_lightning import load_adapter, set_adapter
 from tests._serve_models import make_adapters, make_served
 
+LABELS = {"b": ["sad", "flat", "glad"], "d": ["no", "maybe", "yes"]}
 TEXTS = ["To be, or not to be", "My lord, the king your father.", "Whether",
          "The slings and arrows of outrageous fortune, or to take arms"]
 
@@ -39,8 +42,12 @@ def cls(tmp_path_factory, sl):
     """A classifier server with adapters a, b, c; d lies outside its folder; a corrupt and
     an unsafe adapter beside it. Yields (port, folder, reference)."""
     root = tmp_path_factory.mktemp("serve_cls")
-    model, _ = make_served(root, "classify", ["a", "b", "c"])
-    make_adapters(model, root / "extra", ["d"], "classify", seed=7)
+    model, _ = make_served(root, "classify", ["a", "b", "c"], labels=LABELS)
+    make_adapters(model, root / "extra", ["d"], "classify", seed=7, labels=LABELS)
+    two = shutil.copytree(root / "extra" / "d", root / "two_labels")
+    config = json.loads((two / "adapter_config.json").read_text())
+    config["lora_lightning"]["label_names"] = ["no", "yes"]
+    (two / "adapter_config.json").write_text(json.dumps(config))
     corrupt = shutil.copytree(root / "extra" / "d", root / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00not a safetensors file" * 9)
     unsafe = shutil.copytree(root / "extra" / "d", root / "unsafe")
@@ -53,7 +60,8 @@ def cls(tmp_path_factory, sl):
 
 class Reference:
     """What the Python API gives: each adapter alone (``set_adapter``), the base model for
-    None, one text at a time, no padding."""
+    None, one text at a time, no padding; the label names each adapter was saved with,
+    else the model's."""
 
     def __init__(self, folder: Path, dirs: dict[str, Path]) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -66,6 +74,9 @@ class Reference:
         self.labels = [self.model.config.id2label[i] for i in range(3)]
         self.lock = threading.Lock()
 
+    def labels_of(self, name: str | None) -> list[str]:
+        return LABELS.get(name, self.labels) if name else self.labels
+
     def probabilities(self, name: str | None, text: str) -> dict[str, float]:
         with self.lock, torch.no_grad():
             enc = self.tok(text, return_tensors="pt")
@@ -74,7 +85,7 @@ class Reference:
             else:
                 set_adapter(self.model, name)
                 logits = self.model(**enc).logits
-        return dict(zip(self.labels, logits.softmax(-1)[0].tolist(), strict=True))
+        return dict(zip(self.labels_of(name), logits.softmax(-1)[0].tolist(), strict=True))
 
 
 def _check(answer, ref: Reference, name, text) -> None:
@@ -102,7 +113,8 @@ def test_concurrent_mixed_requests_equal_each_adapter_alone(cls, sl):
     outs = {tuple(ref.probabilities(n, TEXTS[0]).values()) for n in ["a", "b", "c", None]}
     assert len(outs) == 4
     assert sl.call(port, "GET", "/adapters") == (
-        200, {"adapters": ["a", "b", "c"], "task": "classify", "labels": ref.labels})
+        200, {"adapters": ["a", "b", "c"], "task": "classify", "labels": ref.labels,
+              "adapter_labels": {"a": ref.labels, "b": LABELS["b"], "c": ref.labels}})
 
 
 def test_hot_load_and_delete_while_requests_are_in_flight(cls, sl):
@@ -118,6 +130,8 @@ def test_hot_load_and_delete_while_requests_are_in_flight(cls, sl):
     for (name, text), answer in zip(jobs, answers, strict=True):
         _check(answer, ref, name, text)
     _check(_predict(sl, port, "d", TEXTS[1]), ref, "d", TEXTS[1])
+    assert sl.call(port, "GET", "/adapters")[1]["adapter_labels"] == {
+        "a": ref.labels, "b": LABELS["b"], "d": LABELS["d"]}
     status, body = _predict(sl, port, "c", TEXTS[1])
     assert status == 404 and "'c'" in body["error"] and "['a', 'b', 'd']" in body["error"]
     # Put the server back as it was (a relative path is taken inside --adapters).
@@ -165,6 +179,10 @@ def test_refused_hot_loads_leave_the_server_serving(cls, sl):
                            {"name": "x", "path": str(root / "unsafe")})
     assert status == 422 and "can run code when loaded" in body["error"]
     assert not (root / "pwned").exists()  # the pickle never ran
+    status, body = sl.call(port, "POST", "/adapters",
+                           {"name": "x", "path": str(root / "two_labels")})
+    assert status == 422 and "names 2 labels ['no', 'yes']" in body["error"]
+    assert "head has 3 outputs" in body["error"]
     assert sl.call(port, "GET", "/adapters")[1]["adapters"] == ["a", "b", "c"]
     _check(_predict(sl, port, "a", TEXTS[3]), ref, "a", TEXTS[3])
 
@@ -248,10 +266,13 @@ def test_readme_server_example_runs_as_printed(tmp_path, sl, monkeypatch):
                                  timeout=60)
             assert run.returncode == 0, (line, run.stderr)
             answers.append(json.loads(run.stdout))
-    assert [a.get("error") for a in answers] == [None] * 5, answers
+    assert [a.get("error") for a in answers] == [None] * 6, answers
     assert answers[0]["adapters"] == ["party", "sentiment"]
+    assert answers[0]["adapter_labels"]["party"] == ["democrat", "republican"]
     assert answers[1]["adapter"] == "sentiment" and set(answers[1]["probabilities"]) == {
         "negative", "positive"}
-    assert answers[2]["adapter"] is None
-    assert answers[3] == {"deleted": "party", "adapters": ["sentiment"]}
-    assert answers[4] == {"loaded": "party", "adapters": ["sentiment", "party"]}
+    assert answers[2]["adapter"] == "party" and set(answers[2]["probabilities"]) == {
+        "democrat", "republican"}
+    assert answers[3]["adapter"] is None
+    assert answers[4] == {"deleted": "party", "adapters": ["sentiment"]}
+    assert answers[5] == {"loaded": "party", "adapters": ["sentiment", "party"]}

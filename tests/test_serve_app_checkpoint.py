@@ -3,7 +3,8 @@ a tiny run of the Hydra app (a 2-layer BERT of hidden 32 as MiniLMClassifier's e
 three labels from a CSV) writes a checkpoint and its adapter; a second adapter is trained
 onto that checkpoint (random values, as if trained) and saved. The server started on
 127.0.0.1 with the checkpoint and both adapter directories answers each adapter, the
-checkpoint's own and null, equal to the Python API: ``load_lora_checkpoint`` with the
+checkpoint's own and null, equal to the Python API (``second``, saved with label names
+of its own, with those; the others with the run's): ``load_lora_checkpoint`` with the
 network passed in (the README's way), ``load_adapter``, ``set_adapter``, one text at a
 time.
 """
@@ -34,6 +35,7 @@ from tests._tiny_lm import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["bad", "good", "meh"]
+SECOND = ["low", "mid", "high"]  # the second adapter's own label names
 TEXTS = ["this film is good", "bad bad bad, number 7", "meh", "a long text " * 12]
 MAX_LENGTH = 16
 
@@ -87,7 +89,7 @@ def app_run(tmp_path_factory):
     inject_lora(module, LoRAConfig(r=4, alpha=8, target_modules=["query", "value"],
                                    modules_to_save=["classifier"]), adapter="second")
     randomize_adapters(module, seed=3, std=0.5, adapter="second")
-    save_adapter(module, adapters / "second", adapter="second")
+    save_adapter(module, adapters / "second", adapter="second", label_names=SECOND)
     return ckpt, encoder, adapters
 
 
@@ -116,7 +118,8 @@ class Reference:
             else:
                 set_adapter(self.module, name)
                 logits = self.module(**inputs)
-        return dict(zip(LABELS, logits.softmax(-1)[0].tolist(), strict=True))
+        names = SECOND if name == "second" else LABELS
+        return dict(zip(names, logits.softmax(-1)[0].tolist(), strict=True))
 
 
 def test_an_app_checkpoint_serves_each_adapter_as_the_python_api(app_run, sl):
@@ -127,11 +130,13 @@ def test_an_app_checkpoint_serves_each_adapter_as_the_python_api(app_run, sl):
     # first is the run's own adapter (its trained head), so it equals default; the others
     # differ, so a wrong adapter cannot pass the checks below.
     assert outs["first"] == pytest.approx(outs["default"], abs=1e-6)
+    assert list(ref.probabilities("second", TEXTS[0])) == SECOND
     assert len({outs["first"], outs["second"], outs[None]}) == 3
     with sl.Server(ckpt, adapters) as srv:
         assert sl.call(srv.port, "GET", "/adapters") == (
             200, {"adapters": ["default", "first", "second"], "task": "classify",
-                  "labels": LABELS})
+                  "labels": LABELS, "adapter_labels": {"default": LABELS, "first": LABELS,
+                                                       "second": SECOND}})
         jobs = [(n, t) for t in TEXTS for n in names] * 2
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda job: sl.call(

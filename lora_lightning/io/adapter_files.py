@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -58,15 +59,23 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None,
-                 adapter: str | None = None) -> Path:
+                 adapter: str | None = None, *, label_names: Sequence[str] | None = None
+                 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``.
 
     ``adapter`` names which adapter to write (default: the active one, or the only one).
-    Both files are written to temporary names first and renamed only once both are
-    complete, so a crash or a full disk mid-save leaves the previous adapter loadable.
+    ``label_names``: the class names of a classifier adapter's head (``modules_to_save``),
+    in output order; they travel in ``adapter_config.json`` (its ``lora_lightning``
+    section, which PEFT ignores) and :func:`read_label_names` gives them back, so an
+    adapter trained on other classes than the base model answers with its own names
+    (the server does). Both files are written to temporary names first and renamed only
+    once both are complete, so a crash or a full disk mid-save leaves the previous adapter
+    loadable.
     """
     from safetensors.torch import save_file
 
+    if label_names is not None:
+        label_names = _check_label_names(label_names, "label_names")
     if adapter is not None:
         known(model, adapter)
     name = adapter or current_adapter(model)
@@ -81,7 +90,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         k: v.detach().cpu().contiguous().clone()
         for k, v in to_peft_keys(model, state, name).items()
     }
-    text = json.dumps(to_peft_config(model, config, name), indent=2, sort_keys=True)
+    data = to_peft_config(model, config, name)
+    if label_names is not None:
+        data[SECTION][LABELS_FIELD] = label_names
+    text = json.dumps(data, indent=2, sort_keys=True)
     write_files([(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p))),
                  (directory / CONFIG_NAME, lambda p: Path(p).write_text(text))],
                 f"save_adapter wrote nothing; the adapter in {directory} is unchanged")
@@ -97,6 +109,15 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
     problem is reported once, naming the file and what is wrong with it.
     """
     directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    data = _config_json(directory)
+    data.pop(SECTION, None) if isinstance(data, dict) else None
+    config = from_peft_config(data, str(cfg_path))
+    return config, from_peft_keys(_read_weights(directory, trusted), adapter)
+
+
+def _config_json(directory: Path) -> object:
+    """The parsed ``adapter_config.json`` of ``directory``, read as untrusted input."""
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {str(directory)!r} does not exist.",
                                str(directory))
@@ -110,10 +131,54 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
         raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).", str(cfg_path)) from err
     except OSError as err:
         raise AdapterFileError(f"{cfg_path}: unreadable ({err}).", str(cfg_path)) from err
-    data = parse_config_json(text, str(cfg_path))  # bounded: size, depth, digits
-    data.pop("lora_lightning", None) if isinstance(data, dict) else None
-    config = from_peft_config(data, str(cfg_path))
-    return config, from_peft_keys(_read_weights(directory, trusted), adapter)
+    return parse_config_json(text, str(cfg_path))  # bounded: size, depth, digits
+
+
+SECTION = "lora_lightning"
+"""``adapter_config.json``'s own section: our settings, which PEFT ignores."""
+LABELS_FIELD = "label_names"
+MAX_LABEL_CHARS = 200
+
+
+def _check_label_names(names: object, what: str, path: str | None = None) -> list[str]:
+    """``names`` as a list of at least two distinct non-empty strings of at most
+    :data:`MAX_LABEL_CHARS` characters; else an :class:`ArgumentError` (``path`` None: an
+    argument) or an :class:`AdapterFileError` naming the file ``path``, the value received
+    and what would work."""
+    problem = None
+    if isinstance(names, str | bytes) or not isinstance(names, Sequence):
+        problem = f"it is a {type(names).__name__}, not a list"
+    elif len(names) < 2:
+        problem = f"it holds {len(names)} name{'' if len(names) == 1 else 's'}"
+    else:
+        bad = [n for n in names if not isinstance(n, str) or not n or len(n) > MAX_LABEL_CHARS]
+        if bad:
+            problem = f"it holds {str(bad[0])[:40]!r}"
+        elif len(set(names)) < len(names):
+            problem = "it holds a name twice"
+    if problem is None:
+        return list(names)
+    allowed = (f"{problem}; expected a list of at least two distinct class names (non-empty "
+               f"strings of at most {MAX_LABEL_CHARS} characters) in the order of the head's "
+               "outputs, such as ['negative', 'positive']")
+    if path is None:
+        raise ArgumentError("save_adapter", "label_names", names, allowed)
+    shown = repr(names) if len(repr(names)) <= 200 else f"{repr(names)[:200]}..."
+    raise AdapterFileError(f"{what} is {shown}: {allowed}.", path, f"{SECTION}.{LABELS_FIELD}")
+
+
+def read_label_names(directory: str | os.PathLike) -> list[str] | None:
+    """The class names ``save_adapter(..., label_names=...)`` stored with the adapter in
+    ``directory``, or None when it stores none (a PEFT adapter, or one saved without).
+    A malformed list is an :class:`AdapterFileError` naming the file and the field."""
+    directory = Path(directory)
+    data = _config_json(directory)
+    section = data.get(SECTION) if isinstance(data, dict) else None
+    names = section.get(LABELS_FIELD) if isinstance(section, dict) else None
+    if names is None:
+        return None
+    cfg_path = str(directory / CONFIG_NAME)
+    return _check_label_names(names, f"{cfg_path}: field {SECTION}.{LABELS_FIELD}", cfg_path)
 
 
 def _read_weights(directory: Path, trusted: bool) -> dict[str, Tensor]:

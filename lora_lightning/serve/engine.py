@@ -9,6 +9,11 @@ LM ``max_new_tokens``), ``"list"``, ``"load"`` (``name``, ``path``) or ``"delete
 (``name``). Every request gets ``{"status": <HTTP status>, "body": <JSON-able dict>}``;
 one request's failure never fails the others of its batch. A batch runs its predictions
 first (with the adapters it started with), then its loads and deletes in order.
+
+Label names: a classifier answers with the model's (``config.id2label``, or an app
+checkpoint's), except for an adapter saved with its own (``save_adapter(...,
+label_names=...)``, read back with :func:`~lora_lightning.io.adapter_files.read_label_names`):
+an adapter whose head was trained on other classes answers with those.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 from torch import nn
 
 from .. import delete_adapter, list_adapters, load_adapter, per_sample_adapters
-from ..errors import LoRAError
-from ..io.adapter_files import CONFIG_NAME
+from ..errors import AdapterFileError, LoRAError
+from ..io.adapter_files import CONFIG_NAME, LABELS_FIELD, SECTION, read_label_names
 from ..registry import AdapterNameError, check_name
 from .app_checkpoint import INPUTS, is_checkpoint, load_app_checkpoint, read_run_config
 
@@ -117,6 +122,8 @@ class ServedModel:
     inputs: tuple[str, ...] | None = None
     """Classifier: the tokenizer outputs the model takes (None: all), for an app module
     that returns logits rather than a transformers output."""
+    adapter_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Classifier: the label names an adapter brought with it (see the module doc)."""
 
     @classmethod
     def load(cls, model_folder: str | os.PathLike, adapters: str | os.PathLike | None,
@@ -130,7 +137,7 @@ class ServedModel:
                          Path(adapters) if adapters else None, max_new_tokens,
                          labels=app.labels, max_length=app.max_length, inputs=INPUTS)
             for name, path in (adapter_dirs(adapters) if adapters else {}).items():
-                load_adapter(app.module, path, adapter=check_name(name))
+                served.add_adapter(check_name(name), path)
             return served
         model, tokenizer, task = load_base(model_folder)
         served = cls(model, tokenizer, task, Path(adapters) if adapters else None,
@@ -139,8 +146,26 @@ class ServedModel:
             id2label = model.config.id2label
             served.labels = [str(id2label[i]) for i in range(model.config.num_labels)]
         for name, path in (adapter_dirs(adapters) if adapters else {}).items():
-            load_adapter(model, path, adapter=check_name(name))
+            served.add_adapter(check_name(name), path)
         return served
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """``load_adapter`` under ``name``, with the label names the directory holds (a
+        classifier's; their number must be the model's)."""
+        labels = read_label_names(path) if self.task == CLASSIFY else None
+        if labels is not None and len(labels) != len(self.labels):
+            raise AdapterFileError(
+                f"{path / CONFIG_NAME}: adapter {name!r} names {len(labels)} labels "
+                f"{labels}, but the served model's head has {len(self.labels)} outputs "
+                f"({self.labels}); save the adapter with one name per output of the head",
+                str(path / CONFIG_NAME), f"{SECTION}.{LABELS_FIELD}")
+        load_adapter(self.model, path, adapter=name)
+        if labels is not None:
+            self.adapter_labels[name] = labels
+
+    def labels_of(self, adapter: str | None) -> list[str]:
+        """The label names ``adapter`` answers with (None: the base model)."""
+        return self.adapter_labels.get(adapter, self.labels) if adapter else self.labels
 
     # -- batches ----------------------------------------------------------------------
     def run(self, requests: list[dict]) -> list[dict]:
@@ -180,12 +205,16 @@ class ServedModel:
                 return _error(404, f"no adapter named {name!r}; the server holds "
                                    f"{sorted(list_adapters(self.model))}")
             delete_adapter(self.model, name)
+            self.adapter_labels.pop(name, None)
             return _ok({"deleted": name, "adapters": list_adapters(self.model)})
         return _error(400, f"unknown operation {op!r}")
 
     def describe(self) -> dict:
-        return {"adapters": list_adapters(self.model), "task": self.task,
-                **({"labels": self.labels} if self.task == CLASSIFY else {})}
+        names = list_adapters(self.model)
+        labels = ({"labels": self.labels,
+                   "adapter_labels": {n: self.labels_of(n) for n in names}}
+                  if self.task == CLASSIFY else {})
+        return {"adapters": names, "task": self.task, **labels}
 
     def hot_load(self, name: str, path: str) -> dict:
         """Load one adapter directory under ``name`` with ``load_adapter``'s checks (safe
@@ -206,7 +235,7 @@ class ServedModel:
             return _error(404, f"{str(where)!r} is not an adapter directory (no {CONFIG_NAME} "
                                "there); pass a folder written by save_adapter or PEFT")
         try:
-            load_adapter(self.model, where, adapter=name)
+            self.add_adapter(name, where)
         except (LoRAError, OSError) as e:
             return _error(422, f"adapter {name!r} was refused and nothing changed: {e}")
         return _ok({"loaded": name, "adapters": list_adapters(self.model)})
@@ -230,8 +259,9 @@ class ServedModel:
                 out = self.model(**enc)
             logits = out if isinstance(out, torch.Tensor) else out.logits
             probs = logits.float().softmax(-1)
-            return [_ok({"adapter": n, "label": self.labels[int(p.argmax())],
-                         "probabilities": dict(zip(self.labels, p.tolist(), strict=True))})
+            return [_ok({"adapter": n, "label": self.labels_of(n)[int(p.argmax())],
+                         "probabilities": dict(zip(self.labels_of(n), p.tolist(),
+                                                   strict=True))})
                     for n, p in zip(names, probs, strict=True)]
         steps = [int(r.get("max_new_tokens") or self.max_new_tokens) for r in requests]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt").to(device)
