@@ -439,7 +439,7 @@ class LoRALayer:
             return "base"
         if len(names) > 1 or extra_args or x.is_nested or self.lora_specs[names[0]].variant:
             return "deltas"
-        if not torch.is_grad_enabled():  # (x.is_cpu: a quarter of x.device.type's time)
+        if not torch.is_grad_enabled():  # inference: fold or add in place, never fuse
             spec = self.lora_specs[names[0]]
             if (self.can_fold and x.is_cpu and x.numel() >= FOLD_MIN_ROWS * x.shape[-1]
                     and not (spec.dropout > 0.0 and self.training)):
