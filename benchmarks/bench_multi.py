@@ -16,7 +16,9 @@ rotating) and reports medians and the median of the per-round ratios, as
 5. A Llama-shaped model (``LlamaModel`` from a config: d=512, 4 layers, MLP 1376, random
    weights) with 16 adapters r=16 on q_proj and v_proj, at 16 x 64 (prefill) and 64 x 1
    (one decode step): a mixed batch, ours vs PEFT's ``adapter_names=`` vs the base, and one
-   unmerged adapter (the q,v one, and an all-linear r=16 one) vs the base (issue 22).
+   unmerged adapter (the q,v one, an all-linear r=16 one and an all-linear r=8 one) vs the
+   base (issue 22). Each single-adapter time ratio is followed by the ratio of the two
+   forwards' FLOPs (``FlopCounterMode``): the part of the overhead that is arithmetic.
 
     python benchmarks/bench_multi.py --out benchmarks/multi_adapter.md   # ~5 minutes
     python benchmarks/bench_multi.py --quick                              # ~1 minute
@@ -228,6 +230,26 @@ def bench_overhead(rounds, batch, tokens):
              med["ours"] * 1e3, med["base"] * 1e3, ratio[("ours", "base")], "ms", "<= 1.08")]
 
 
+def forward_flops(run: Callable[[], object]) -> int:
+    """FLOPs of one call of ``run`` as ``FlopCounterMode`` counts them (matmuls and
+    attention), with two ops it leaves out counted as their siblings are: the in-place
+    ``addmm_`` that adds an adapter's update (as ``addmm``) and CPU's flash attention (as
+    the other ``scaled_dot_product`` kernels)."""
+    from torch.utils import flop_counter
+
+    def addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def sdpa_cpu(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    aten = torch.ops.aten
+    mapping = {aten.addmm_: addmm_, aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        run()
+    return counter.get_total_flops()
+
+
 LLAMA_QV = ["q_proj", "v_proj"]
 
 
@@ -254,11 +276,13 @@ def llama_adapters(base: nn.Module, n: int, targets, r: int = 16) -> nn.Module:
 
 def bench_llama(rounds: int, shapes=((16, 64), (64, 1)), hidden: int = 512, layers: int = 4,
                 adapters: int = 16) -> list[tuple]:
-    """Item 5 of the module doc: mixed, PEFT mixed, single q,v, single all-linear, base."""
+    """Item 5 of the module doc: mixed, PEFT mixed, single q,v, single all-linear (r=16
+    and r=8), base; each single adapter's time ratio with its FLOP ratio."""
     base = llama(hidden, layers)
     ours = llama_adapters(base, adapters, LLAMA_QV)
     theirs = peft_with(base, adapters, ours, LLAMA_QV, r=16)
     single = llama_adapters(base, 1, "all-linear")
+    single_r8 = llama_adapters(base, 1, "all-linear", r=8)
     set_adapter(ours, "a0")
     rows = []
     for batch, tokens in shapes:
@@ -276,7 +300,10 @@ def bench_llama(rounds: int, shapes=((16, 64), (64, 1)), hidden: int = 512, laye
                 return ours(input_ids=ids).last_hidden_state
 
         variants = {"mixed": mixed, "peft": fwd(theirs, adapter_names=names),
-                    "single_qv": fwd(ours), "single_all": fwd(single), "base": fwd(base)}
+                    "single_qv": fwd(ours), "single_all": fwd(single),
+                    "single_r8": fwd(single_r8), "base": fwd(base)}
+        flops = {n: forward_flops(variants[n])
+                 for n in ("single_qv", "single_all", "single_r8", "base")}
         agree = (variants["mixed"]() - variants["peft"]()).abs().max().item()
         moved = (variants["mixed"]() - variants["base"]()).abs().max().item()
         assert moved > 1e-3, "the adapters changed nothing: the comparison would be vacuous"
@@ -291,12 +318,16 @@ def bench_llama(rounds: int, shapes=((16, 64), (64, 1)), hidden: int = 512, laye
              med["peft"] * 1e3, med["base"] * 1e3, ratio[("peft", "base")], "ms", "report"),
             (f"{shape}, {adapters} adapters mixed: PEFT / ours time", med["mixed"] * 1e3,
              med["peft"] * 1e3, ratio[("peft", "mixed")], "ms", ">= 1"),
-            (f"{shape}, one unmerged adapter (q,v r=16): ours / base", med["single_qv"] * 1e3,
-             med["base"] * 1e3, ratio[("single_qv", "base")], "ms", "<= 1.05"),
-            (f"{shape}, one unmerged adapter (all-linear r=16): ours / base",
-             med["single_all"] * 1e3, med["base"] * 1e3, ratio[("single_all", "base")], "ms",
-             "<= 1.05"),
         ]
+        for key, what in (("single_qv", "q,v r=16"), ("single_all", "all-linear r=16"),
+                          ("single_r8", "all-linear r=8")):
+            rows += [
+                (f"{shape}, one unmerged adapter ({what}): ours / base", med[key] * 1e3,
+                 med["base"] * 1e3, ratio[(key, "base")], "ms", "<= 1.05"),
+                (f"{shape}, one unmerged adapter ({what}): FLOPs ours / base (the floor)",
+                 flops[key] / 1e9, flops["base"] / 1e9, flops[key] / flops["base"], "GFLOP",
+                 "report"),
+            ]
     return rows
 
 

@@ -7,6 +7,10 @@ The older core is extracted with ``git archive`` into a temporary folder and imp
 ``lora_lightning_old`` (the core uses relative imports only, so the copy is self-contained).
 
     python benchmarks/bench_versions.py --old 93a084c --rounds 15
+    python benchmarks/bench_versions.py --old a470446 --only llama   # bench_multi's Llama
+
+``--only llama`` runs one unmerged all-linear r=16 adapter on ``bench_multi``'s Llama-shaped
+model (d=512, 4 layers) at 16 x 64 and 64 x 1 instead (issue 22's single-adapter shapes).
 """
 import argparse
 import copy
@@ -21,11 +25,13 @@ from torch import nn
 import lora_lightning as new
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_multi import interleaved, minilm  # noqa: E402
+from bench_multi import interleaved, llama, minilm  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--old", default="93a084c", help="the commit to compare against")
 parser.add_argument("--rounds", type=int, default=15)
+parser.add_argument("--only", choices=["minilm", "llama"], default="minilm",
+                    help="the MiniLM items (default) or the Llama single adapter")
 args = parser.parse_args()
 root = Path(__file__).resolve().parents[1]
 tmp = Path(tempfile.mkdtemp())
@@ -74,9 +80,9 @@ def plain_forward(model, *inputs, **kwargs):
     return call
 
 
-def single(lib, plain):
+def single(lib, plain, r=8):
     model = copy.deepcopy(plain)
-    lib.inject_lora(model, lib.LoRAConfig(r=8, alpha=16, target_modules="all-linear"))
+    lib.inject_lora(model, lib.LoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
     g = torch.Generator().manual_seed(1)  # the same adapter values for both versions
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,6 +90,24 @@ def single(lib, plain):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model.eval()
 
+
+def compare(variants, label, rounds):
+    diff = (variants["new"]() - variants["old"]()).abs().max().item()
+    t = interleaved(variants, rounds)
+    print(f"| {label} | {ratio(t, 'new', 'old'):.3f} | {ratio(t, 'new', 'base'):.3f} | "
+          f"{ratio(t, 'old', 'base'):.3f} | {diff:.1e} |", flush=True)
+
+
+if args.only == "llama":
+    plain = llama()
+    s_new, s_old = single(new, plain, r=16), single(old, plain, r=16)
+    for batch, tokens in ((16, 64), (64, 1)):
+        ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(1))
+        compare({"new": plain_forward(s_new, input_ids=ids),
+                 "old": plain_forward(s_old, input_ids=ids),
+                 "base": plain_forward(plain, input_ids=ids)},
+                f"unmerged all-linear r=16, Llama d=512 x4, {batch}x{tokens}", 2 * args.rounds)
+    sys.exit(0)
 
 base = minilm()
 ids = torch.randint(0, 30000, (64, 32), generator=torch.Generator().manual_seed(0))

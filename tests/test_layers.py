@@ -623,3 +623,58 @@ def test_inference_without_autograd_folds_only_from_many_rows_and_matches_the_ad
         assert [w for w in calls if w is not layer.weight and w is not layer.lora_A] == []
     adapter_path = layer(x)  # grad enabled: base op plus B(Ax)
     assert_close_fp32(inference, adapter_path)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("adapter_dtype", [None, "float64"])
+def test_single_adapter_without_grad_equals_the_formula(shape, bias, adapter_dtype):
+    """The single-adapter forward without grad (base op, then one ``addmm_``; it skips a
+    reshape for 2-D input and casts only when dtypes differ) computes W x + b + s·B(A x)
+    for 1-, 2- and 3-D input, with adapters of the base's dtype or another one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5, bias=bias))
+    inject_lora(model, LoRAConfig(r=3, alpha=9, target_modules=["0"],
+                                  adapter_dtype=adapter_dtype), adapter="a0")
+    randomize_adapters(model, std=1.0)
+    layer = model[0]
+    a, b = layer.lora_A_a0.detach(), layer.lora_B_a0.detach()
+    assert a.dtype == (torch.float64 if adapter_dtype else torch.float32)
+    x = torch.randn(shape)
+    expected = F.linear(x, layer.weight, layer.bias) + 3.0 * F.linear(
+        F.linear(x.to(a.dtype), a), b).float()
+    assert layer._route(x, ["a0"], False) == "fused"  # with grad
+    with torch.no_grad():
+        assert layer._route(x, ["a0"], False) == "in_place"
+        out = layer(x)
+    assert out.shape == (*shape[:-1], 5) and out.dtype == torch.float32
+    assert_close_fp32(out, expected)
+    assert (out - F.linear(x, layer.weight, layer.bias)).abs().max() > 0.1  # the adapter adds
+
+
+def test_single_adapter_without_grad_under_autocast_and_dropout_in_train_mode():
+    """Without grad, autocast gives the base op's dtype (the update is cast to it by hand:
+    ``addmm_`` skips autocast), and LoRA dropout in train mode still drops the adapter's
+    input (the same draw as ``F.dropout`` from the same seed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    inject_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.5, target_modules=["0"]))
+    randomize_adapters(model, std=1.0)
+    layer = model[0].eval()
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        base = F.linear(x, layer.weight, layer.bias)
+    assert out.dtype == base.dtype == torch.bfloat16
+    expected = F.linear(x, layer.weight, layer.bias) + 2.0 * F.linear(F.linear(x, a), b)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=5e-2)
+    layer.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        dropped = layer(x)
+    torch.manual_seed(1)
+    xd = F.dropout(x.reshape(-1, 8), 0.5, training=True).reshape(x.shape)
+    expected = F.linear(x, layer.weight, layer.bias) + 2.0 * F.linear(F.linear(xd, a), b)
+    assert_close_fp32(dropped, expected)
+    assert (dropped - layer.eval()(x)).abs().max() > 1e-3  # dropout changed something

@@ -439,12 +439,13 @@ class LoRALayer:
             return "base"
         if len(names) > 1 or extra_args or x.is_nested or self.lora_specs[names[0]].variant:
             return "deltas"
-        spec = self.lora_specs[names[0]]
-        if (self.can_fold and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.numel() >= FOLD_MIN_ROWS * x.shape[-1]
-                and not (spec.dropout > 0.0 and self.training)):
-            return "folded"
-        if self.can_fuse and torch.is_grad_enabled() and self.fusable(x, names[0]):
+        if not torch.is_grad_enabled():  # inference: fold or add in place, never fuse
+            spec = self.lora_specs[names[0]]
+            if (self.can_fold and x.is_cpu and x.numel() >= FOLD_MIN_ROWS * x.shape[-1]
+                    and not (spec.dropout > 0.0 and self.training)):
+                return "folded"
+            return "in_place"
+        if self.can_fuse and self.fusable(x, names[0]):
             return "fused"
         return "in_place"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 ADAPTER_PARAM_NAMES = ("lora_A", "lora_B", "lora_magnitude")
 DEFAULT_ADAPTER = "default"
@@ -10,8 +11,10 @@ ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
 """Adapter names: letters, digits and underscores (they become parameter-name suffixes)."""
 
 
+@lru_cache(maxsize=1024)
 def param_names(adapter: str) -> tuple[str, str, str]:
-    """Attribute names of ``adapter``'s A, B and DoRA magnitude on a layer."""
+    """Attribute names of ``adapter``'s A, B and DoRA magnitude on a layer (cached: every
+    forward asks)."""
     if adapter == DEFAULT_ADAPTER:
         return ADAPTER_PARAM_NAMES
     return tuple(f"{n}_{adapter}" for n in ADAPTER_PARAM_NAMES)  # type: ignore[return-value]

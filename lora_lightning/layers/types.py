@@ -199,17 +199,22 @@ class MatmulLoRA(LoRALayer):
         return F.linear(F.linear(x, a), b)
 
     def _add_in_place(self, x: Tensor, name: str) -> Tensor:
+        """The base op on the 2-D input, then ``out += s·(x Aᵀ) Bᵀ`` as one ``addmm_`` (the
+        scale is its ``alpha``): three kernels, and no cast, reshape or dropout call where
+        none is needed. This is the single-adapter forward without grad, where each
+        layer's Python counts at a decode step (``benchmarks/multi_adapter.md``)."""
         spec = self.lora_specs[name]
         lora_a, lora_b = self._ab(name)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out = self.base_2d(x2)
-        # In-place ops skip autocast, so match the base output's dtype by hand (a no-op
-        # outside autocast).
-        xd = self._dropped(x2, spec)
-        a = F.linear(xd if xd.dtype == lora_a.dtype else xd.to(lora_a.dtype), lora_a)
-        a = a.to(out.dtype)
-        out = out.addmm_(a, lora_b.t().to(out.dtype), alpha=spec.scaling)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        xd = self._dropped(x2, spec) if spec.dropout else x2
+        ax = (xd if xd.dtype == lora_a.dtype else xd.to(lora_a.dtype)).mm(lora_a.t())
+        # In-place ops skip autocast, so match the base output's dtype by hand.
+        if ax.dtype != out.dtype:
+            ax = ax.to(out.dtype)
+        bt = lora_b.t() if lora_b.dtype == out.dtype else lora_b.t().to(out.dtype)
+        out = out.addmm_(ax, bt, alpha=spec.scaling)
+        return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
 
 
 class LoRALinear(MatmulLoRA, nn.Linear):
