@@ -208,7 +208,7 @@ class MatmulLoRA(LoRALayer):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out = self.base_2d(x2)
         xd = self._dropped(x2, spec) if spec.dropout else x2
-        ax = (xd if xd.dtype == lora_a.dtype else xd.to(lora_a.dtype)).mm(lora_a.t())
+        ax = F.linear(xd if xd.dtype == lora_a.dtype else xd.to(lora_a.dtype), lora_a)
         # In-place ops skip autocast, so match the base output's dtype by hand.
         if ax.dtype != out.dtype:
             ax = ax.to(out.dtype)
