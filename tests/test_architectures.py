@@ -366,7 +366,10 @@ def test_gradients_equal_peft(case, targets, peft):
         ref = reference[key]
         assert ref.abs().max() > 0, f"{key}: the reference gradient is zero"
         scale = ref.abs().max().item()
-        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 * scale, msg=key)
+        # A key projection's gradient cancels (softmax ignores a shift shared by all keys),
+        # so float32 noise reaches ~2e-6 of its largest entry on some machines and test
+        # orders (Whisper's k_proj); a wrong formula is off by far more than 1e-5.
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5 * scale, msg=key)
 
 
 @pytest.mark.parametrize("name", ["roberta_cls", "vit_cls"])
