@@ -141,10 +141,14 @@ def test_all_linear_emb_adapts_all_linear_layers_and_the_token_embedding(tmp_pat
         config = LoRAConfig(**OmegaConf.to_container(cfg.lora.config))
         assert cfg.lora.lr == 1.0e-3 and cfg.lora.label == "LoRA all-linear+embeddings"
     linear = dataclasses.replace(config, target_modules="all-linear")
-    planned = set(plan_injection(net, config).new)
+    plan = plan_injection(net, config).new
     all_linear = set(plan_injection(net, linear).new)
-    assert planned - all_linear == {"encoder.embeddings.word_embeddings"}
-    assert all_linear <= planned and len(all_linear) == 36
+    assert set(plan) - all_linear == {"encoder.embeddings.word_embeddings"}
+    assert all_linear <= set(plan) and len(all_linear) == 36
+    # The embedding's update at a tenth of the others' scale (full FT's rate / LoRA's).
+    scales = {name: layer.scaling for name, layer in plan.items()}
+    assert scales.pop("encoder.embeddings.word_embeddings") == pytest.approx(0.2)
+    assert set(scales.values()) == {2.0}
 
 
 def test_learning_rate_follows_the_kind_of_run(tmp_path):
