@@ -1,8 +1,8 @@
 """Per-seed test accuracy of full fine-tuning and each LoRA run on a held-out set, and the
 paired gap (LoRA minus full fine-tuning, in points, same seed).
 
-    python experiments/recipe/gaps.py tweets=outputs/recipe_tweets,experiments/recipe/tweets/earlier/sweep.csv \\
-        speeches=outputs/recipe_speeches,experiments/recipe/speeches/earlier/sweep.csv
+    python experiments/recipe/gaps.py tweets=outputs/recipe_tweets speeches=outputs/recipe_speeches
+    python experiments/recipe/gaps.py speeches=outputs/emb_speeches,experiments/recipe/speeches/sweep.csv
 
 Each argument is ``set=source[,source...]``; a source is a sweep folder (the jobs'
 ``result.json`` files) or a ``sweep.csv`` written by ``lora_lightning.app.report`` (runs
@@ -54,7 +54,7 @@ def _mean_sd(values: list[float], scale: float = 1.0, fmt: str = ".4f") -> str:
 def main(args: list[str]) -> None:
     if not args or any("=" not in a for a in args):
         sys.exit("usage: gaps.py SET=SOURCE[,SOURCE...] ...  (e.g. "
-                 "tweets=outputs/recipe_tweets,experiments/recipe/tweets/earlier/sweep.csv)")
+                 "tweets=outputs/recipe_tweets,experiments/recipe/tweets/sweep.csv)")
     print("| set | LoRA run | seeds | full fine-tuning | LoRA | LoRA − full (points), per seed "
           "| mean ± sd |")
     print("|---|---|---|---:|---:|---|---:|")

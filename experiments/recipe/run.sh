@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The shipped recipe (experiment=full_vs_lora) on two sets it was never tuned on, as a user
-# runs it with data=text_files: full fine-tuning and the recipe's LoRA (all-linear +
-# embeddings), seeds 0, 1, 2.
+# runs it with data=text_files: full fine-tuning and LoRA all-linear, seeds 0, 1, 2.
 #
 #   bash experiments/recipe/run.sh            # then: bash experiments/recipe/run.sh report
 #
 # Each job is its own command (under `flock /tmp/heavy.lock` when that lock file exists, so
 # other jobs on a shared machine interleave); one command per set does the same:
 #   lora-lightning experiment=full_vs_lora data=text_files data.train=.../train.csv \
-#       data.test=.../test.csv seed=0,1,2 'hydra.sweeper.params.lora=none,all_linear_emb'
+#       data.test=.../test.csv seed=0,1,2 'hydra.sweeper.params.lora=none,all_linear'
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=${BIN:-.venv/bin}
@@ -16,21 +15,10 @@ data=outputs/recipe_data
 if [ "${1:-}" = report ]; then
     for set in tweets speeches; do
         "$bin/python" -m lora_lightning.app.report "outputs/recipe_$set" \
-            --out "experiments/recipe/$set" --title "$set: full fine-tuning vs LoRA"
+            --out "experiments/recipe/$set" --title "$set: full fine-tuning vs LoRA all-linear"
     done
-    # earlier/: the runs of 4-5 December (full fine-tuning and LoRA all-linear, three seeds
-    # each), kept as the report's CSV; once full fine-tuning is rerun under outputs/, the
-    # table uses those runs alone (gaps.py refuses a run and seed found twice).
-    args=()
-    for set in tweets speeches; do
-        src=outputs/recipe_$set
-        if grep -qs '"run": "full_ft"' "$src"/*/*/result.json; then
-            args+=("$set=$src")
-        else
-            args+=("$set=$src,experiments/recipe/$set/earlier/sweep.csv")
-        fi
-    done
-    "$bin/python" experiments/recipe/gaps.py "${args[@]}" > experiments/recipe/gaps.md
+    "$bin/python" experiments/recipe/gaps.py tweets=outputs/recipe_tweets speeches=outputs/recipe_speeches \
+        > experiments/recipe/gaps.md
     exit 0
 fi
 [ -f "$data/tweets/train.csv" ] || "$bin/python" experiments/recipe/prepare_data.py --out "$data"
@@ -38,8 +26,8 @@ lock=()
 [ -e /tmp/heavy.lock ] && lock=(flock /tmp/heavy.lock)
 for seed in 0 1 2; do
     for set in tweets speeches; do
-        for lora in none all_linear_emb; do
-            run=$([ $lora = none ] && echo full_ft || echo lora_$lora)
+        for lora in none all_linear; do
+            run=$([ $lora = none ] && echo full_ft || echo lora_all_linear)
             if grep -qs "\"seed\": $seed," outputs/recipe_$set/*/*_$run/result.json; then
                 continue  # done already (a rerun resumes)
             fi
