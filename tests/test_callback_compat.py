@@ -672,6 +672,30 @@ def test_scalars_and_hparams_reach_csv_and_tensorboard(tmp_path):
 
 
 # -- export flags -------------------------------------------------------------------------
+class _NamedClasses(L.LightningDataModule):
+    """A datamodule that names its classes, as the app's text data does."""
+
+    label_names = ("down", "up")
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(8)
+
+
+@pytest.mark.parametrize("saved", [["head"], None])
+def test_an_exported_classifier_adapter_carries_the_datamodules_label_names(tmp_path, saved):
+    # A served adapter answers with its own class names; they travel only with an adapter
+    # that trains the head they name.
+    from lora_lightning.io.adapter_files import read_label_names
+
+    config = LoRAConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=saved)
+    adapter_dir = tmp_path / "adapter"
+    trainer = make_trainer(tmp_path, [LoRACallback(config, verbose=False,
+                                                   export_adapter_dir=str(adapter_dir))],
+                           max_steps=1)
+    trainer.fit(TinyModule(), datamodule=_NamedClasses())
+    assert read_label_names(adapter_dir) == (["down", "up"] if saved else None)
+
+
 def test_export_flags_write_a_peft_adapter_and_a_merged_state_dict(tmp_path):
     module = TinyModule()
     adapter_dir, merged_path = tmp_path / "adapter", tmp_path / "out" / "merged.pt"

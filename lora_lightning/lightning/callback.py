@@ -197,7 +197,8 @@ class LoRACallback(Callback):
         if trainer.global_rank != 0:
             return
         if self.export_adapter_dir:
-            path = save_adapter(pl_module, self.export_adapter_dir, self.config, self.adapter)
+            path = save_adapter(pl_module, self.export_adapter_dir, self.config, self.adapter,
+                                label_names=_head_label_names(trainer, self.config))
             rank_zero_info(f"LoRA: adapter saved to {path} (PEFT format)")
         if self.export_merged_path:
             path = Path(self.export_merged_path)
@@ -306,3 +307,13 @@ def _enable_input_grads_for_checkpointing(pl_module: LightningModule) -> None:
         if on:
             m.enable_input_require_grads()
             m._lora_input_grads = True
+
+
+def _head_label_names(trainer: Trainer, config: LoRAConfig) -> list[str] | None:
+    """The datamodule's class names (its ``label_names``, as the app's text data keeps
+    them), saved with an adapter that trains a head (``modules_to_save``) so a server
+    answers with them; ``None`` for any other adapter or datamodule."""
+    names = getattr(getattr(trainer, "datamodule", None), "label_names", None)
+    if not config.modules_to_save or not isinstance(names, list | tuple) or not names:
+        return None
+    return [str(name) for name in names]
