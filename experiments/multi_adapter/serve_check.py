@@ -24,7 +24,6 @@ Writes ``serve_results.json`` beside this file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import threading
@@ -38,17 +37,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # as the benchmarks import each other
 import run  # noqa: E402  (this experiment's data and settings)
-
-
-def serve_load():
-    """benchmarks/serve_load.py as a module (its Server, call and compare)."""
-    path = ROOT / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+import serve_load  # noqa: E402  (its Server, call and compare)
 
 
 class Reference:
@@ -93,7 +84,7 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    sl = serve_load()
+    sl = serve_load
     served = args.served.resolve()
     ckpt, adapters = served / "checkpoints" / "sentiment.ckpt", served / "adapters"
     _, _, rt_test = run.split_by_movie(run.load_rotten_tomatoes(), 1500, 0, 1000, seed=run.SEED)
