@@ -46,6 +46,7 @@ from ..registry import (
 from .atomic import write_files
 from .peft_format import (
     CONFIG_NAME,
+    SECTION,
     from_peft_config,
     from_peft_keys,
     parse_config_json,
@@ -134,8 +135,6 @@ def _config_json(directory: Path) -> object:
     return parse_config_json(text, str(cfg_path))  # bounded: size, depth, digits
 
 
-SECTION = "lora_lightning"
-"""``adapter_config.json``'s own section: our settings, which PEFT ignores."""
 LABELS_FIELD = "label_names"
 MAX_LABEL_CHARS = 200
 

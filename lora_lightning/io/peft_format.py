@@ -23,6 +23,8 @@ from ..layers.base import param_names
 from ..registry import canonical_name, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
+SECTION = "lora_lightning"
+"""``adapter_config.json``'s own section: our settings, which PEFT ignores."""
 _PREFIX = "base_model.model."
 
 # PEFT features this package does not implement: loading them would silently differ.
@@ -192,7 +194,7 @@ def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
         "bias": config.bias,
         "modules_to_save": config.modules_to_save,
         "fan_in_fan_out": any(type(m).fan_in_fan_out for m in layers.values()),
-        "lora_lightning": config.to_dict(),
+        SECTION: config.to_dict(),
     }
 
 
