@@ -3,10 +3,13 @@ paired gap (LoRA minus full fine-tuning, in points, same seed).
 
     python experiments/recipe/gaps.py tweets=outputs/recipe_tweets speeches=outputs/recipe_speeches
     python experiments/recipe/gaps.py speeches=outputs/emb_speeches,experiments/recipe/speeches/sweep.csv
+    python experiments/recipe/gaps.py speeches=outputs/r64_rs_speeches,experiments/recipe/speeches/sweep.csv#full_ft
 
 Each argument is ``set=source[,source...]``; a source is a sweep folder (the jobs'
 ``result.json`` files) or a ``sweep.csv`` written by ``lora_lightning.app.report`` (runs
-kept from an earlier session). A run and seed found in two sources is an error.
+kept from an earlier session), optionally followed by ``#run`` to keep only that run's rows
+(a variant that kept the run's name, such as ``lora_all_linear`` at another rank, beside
+the earlier runs' full fine-tuning). A run and seed found in two sources is an error.
 """
 
 from __future__ import annotations
@@ -34,10 +37,18 @@ def _rows(source: Path) -> list[tuple[str, int, float]]:
     return rows
 
 
-def _collect(sources: list[Path]) -> dict[str, dict[int, float]]:
+def _collect(sources: list[str]) -> dict[str, dict[int, float]]:
     acc: dict[str, dict[int, float]] = {}
-    for source in sources:
-        for run, seed, value in _rows(source):
+    for spec in sources:
+        path, _, only = spec.partition("#")
+        source = Path(path)
+        rows = _rows(source)
+        if only:
+            rows = [row for row in rows if row[0] == only]
+            if not rows:
+                sys.exit(f"gaps.py: {spec} keeps no rows: {source} has no run named {only!r}; "
+                         f"its runs are {sorted({r for r, _, _ in _rows(source)})}.")
+        for run, seed, value in rows:
             if seed in acc.setdefault(run, {}):
                 sys.exit(f"gaps.py: {run} seed {seed} appears twice (again in {source}); "
                          "keep each run in one source.")
@@ -53,14 +64,14 @@ def _mean_sd(values: list[float], scale: float = 1.0, fmt: str = ".4f") -> str:
 
 def main(args: list[str]) -> None:
     if not args or any("=" not in a for a in args):
-        sys.exit("usage: gaps.py SET=SOURCE[,SOURCE...] ...  (e.g. "
-                 "tweets=outputs/recipe_tweets,experiments/recipe/tweets/sweep.csv)")
+        sys.exit("usage: gaps.py SET=SOURCE[#RUN][,SOURCE[#RUN]...] ...  (e.g. "
+                 "tweets=outputs/recipe_tweets,experiments/recipe/tweets/sweep.csv#full_ft)")
     print("| set | LoRA run | seeds | full fine-tuning | LoRA | LoRA − full (points), per seed "
           "| mean ± sd |")
     print("|---|---|---|---:|---:|---|---:|")
     for arg in args:
         name, _, spec = arg.partition("=")
-        acc = _collect([Path(s) for s in spec.split(",") if s])
+        acc = _collect([s for s in spec.split(",") if s])
         full = acc.get("full_ft", {})
         for run in sorted(r for r in acc if r != "full_ft"):
             seeds = sorted(set(acc[run]) & set(full))
