@@ -42,12 +42,12 @@ def _collect(sources: list[str]) -> dict[str, dict[int, float]]:
     for spec in sources:
         path, _, only = spec.partition("#")
         source = Path(path)
-        rows = _rows(source)
+        rows = every = _rows(source)
         if only:
-            rows = [row for row in rows if row[0] == only]
+            rows = [row for row in every if row[0] == only]
             if not rows:
                 sys.exit(f"gaps.py: {spec} keeps no rows: {source} has no run named {only!r}; "
-                         f"its runs are {sorted({r for r, _, _ in _rows(source)})}.")
+                         f"its runs are {sorted({r for r, _, _ in every})}.")
         for run, seed, value in rows:
             if seed in acc.setdefault(run, {}):
                 sys.exit(f"gaps.py: {run} seed {seed} appears twice (again in {source}); "
