@@ -45,6 +45,7 @@ from .errors import (
     UnsafeFileError,
     UnsupportedModuleError,
 )
+from .gradient_init import GradientInit, GradientInitReport
 from .inject import InjectionReport, inject_lora, lora_layers
 from .io.adapter_files import load_adapter, load_adapters, read_adapter, save_adapter, save_adapters
 from .io.hotswap import hotswap_adapter
@@ -93,6 +94,8 @@ __all__ = [
     "CheckpointReadError",
     "ConfigError",
     "FileAllocationError",
+    "GradientInit",
+    "GradientInitReport",
     "InjectionPlan",
     "InjectionReport",
     "LayerTypeError",

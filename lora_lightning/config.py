@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - a declared dependency; Python's re wit
 
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "gradient")
 QUANTIZE_KINDS = ("nf4", "fp4", "int8")
 """bitsandbytes' kinds of frozen base: 4-bit NormalFloat, 4-bit float, 8-bit (LLM.int8())."""
 ALL_LINEAR = "all-linear"
@@ -214,7 +214,12 @@ class LoRAConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
     init: str = "kaiming"
-    """``"kaiming"``: A kaiming-uniform, B = 0. ``"gaussian"``: A ~ N(0, 1/r), B = 0."""
+    """``"kaiming"``: A kaiming-uniform, B = 0. ``"gaussian"``: A ~ N(0, 1/r), B = 0.
+    ``"gradient"``: A kaiming-uniform at injection, then, on the first training step
+    (``LoRACallback``, or :class:`~lora_lightning.gradient_init.GradientInit` in plain
+    PyTorch), the top-r right singular vectors of the layer's weight gradient, B = 0
+    (Linear, HF Conv1D and Conv layers with a dense base; others keep kaiming's A). Saved
+    PEFT files say ``init_lora_weights: true``: the init only decides how training starts."""
     bias: str = "none"
     """Which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (adapted modules)."""
     modules_to_save: list[str] | None = None
@@ -289,6 +294,12 @@ class LoRAConfig:
                   "NormalFloat, 4-bit float, 8-bit)")
         if self.init not in INIT_MODES:
             _fail("init", self.init, f"expected one of {list(INIT_MODES)}")
+        if self.init == "gradient" and (self.use_dora or self.quantize_base):
+            why = ("use_dora=True (DoRA normalises the weight, so its gradient is not B's)"
+                   if self.use_dora else f"quantize_base={self.quantize_base!r} (a quantized "
+                   "weight has no gradient to read)")
+            _fail("init", self.init, f"the gradient init cannot be combined with {why}; use "
+                  "init='kaiming' with it, or drop it to keep init='gradient'")
         if self.bias not in BIAS_MODES:
             _fail("bias", self.bias, f"expected one of {list(BIAS_MODES)}")
 

@@ -28,6 +28,7 @@ from lora_lightning import LoRACallback, LoRAConfig, adapter_state_dict
 GLOBAL_BATCH = 8
 STEPS = 4
 CONFIG = LoRAConfig(r=2, alpha=4, target_modules=["fc1", "fc2"])
+GRADIENT = LoRAConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], init="gradient")
 
 
 def dataset() -> TensorDataset:
@@ -72,7 +73,7 @@ class StartAdapters(L.Callback):
         self.adapters = {k: v.detach().clone() for k, v in adapter_state_dict(pl_module).items()}
 
 
-def train(devices: int, resume: str | None = None,
+def train(devices: int, resume: str | None = None, config: LoRAConfig = CONFIG,
           ) -> tuple[WorkerModule, L.Trainer, dict[str, torch.Tensor]]:
     """Train for ``STEPS`` optimizer steps on ``devices`` CPU processes (``STEPS`` more after
     resuming from the checkpoint ``resume``); also return the adapters as they were when
@@ -89,7 +90,7 @@ def train(devices: int, resume: str | None = None,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[LoRACallback(CONFIG, verbose=False), start],
+        callbacks=[LoRACallback(config, verbose=False), start],
     )
     trainer.fit(module, ckpt_path=resume)
     return module, trainer, start.adapters
@@ -97,10 +98,12 @@ def train(devices: int, resume: str | None = None,
 
 def main(out: str, devices: int, mode: str = "") -> None:
     """``mode``: ``save:PATH`` also saves a checkpoint at the end (every rank calls
-    ``save_checkpoint``, as Lightning requires); ``resume:PATH`` resumes from one."""
+    ``save_checkpoint``, as Lightning requires); ``resume:PATH`` resumes from one;
+    ``gradient`` trains with ``init="gradient"``."""
     torch.set_num_threads(1)
     action, _, path = mode.partition(":")
-    module, trainer, start = train(devices, resume=path if action == "resume" else None)
+    module, trainer, start = train(devices, resume=path if action == "resume" else None,
+                                   config=GRADIENT if action == "gradient" else CONFIG)
     if action == "save":
         trainer.save_checkpoint(path)
     adapters = adapter_state_dict(module)

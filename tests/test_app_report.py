@@ -116,6 +116,8 @@ def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
     ({"loraplus_lr_ratio": 16}, "LoRA query+value r=8 LoRA+ ratio=16"),
     ({"use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 2.5},
      "LoRA query+value r=8 DoRA rsLoRA LoRA+ ratio=2.5"),
+    ({"init": "gradient"}, "LoRA query+value r=8 gradient init"),
+    ({"init": "kaiming"}, "LoRA query+value r=8"),
 ])
 def test_a_run_label_names_what_differs_from_plain_lora(config, label):
     from lora_lightning.app.report import lora_variant

@@ -307,6 +307,23 @@ def test_ddp_two_cpu_processes_match_a_single_process_run(tmp_path):
             assert torch.equal(rank["base"][key], value), f"DDP changed frozen {key}"
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_ddp_gradient_init_averages_the_ranks_and_matches_a_single_process(tmp_path):
+    """init="gradient" under DDP: each rank sees half the batch, the weight gradients are
+    averaged before A is set, so both ranks start (and end) where one process does."""
+    out = tmp_path / "ddp_grad"
+    ranks = _run_ddp(tmp_path, out, "gradient")
+    worker = _load_worker()
+    single, _, _ = worker.train(devices=1, config=worker.GRADIENT)
+    plain, _, _ = worker.train(devices=1)
+    want = adapters(single)
+    for key in ADAPTER_KEYS:
+        for rank in ranks:
+            torch.testing.assert_close(rank["adapters"][key], want[key], atol=1e-5, rtol=1e-5)
+        if key.endswith("lora_A"):  # the init really ran: another A than kaiming's
+            assert not torch.allclose(want[key], adapters(plain)[key], atol=1e-3)
+
+
 # -- HF MiniLM with gradient checkpointing ------------------------------------------------
 class _TokenBatches(torch.utils.data.Dataset):
     def __init__(self, n: int = 4, length: int = 8) -> None:

@@ -113,7 +113,7 @@ def test_invalid_value_names_field_and_value(name, value, exc):
     ("name", "value", "allowed"),
     [
         ("bias", "some", "['none', 'all', 'lora_only']"),
-        ("init", "xavier", "['kaiming', 'gaussian']"),
+        ("init", "xavier", "['kaiming', 'gaussian', 'gradient']"),
     ],
 )
 def test_choice_errors_list_the_valid_choices(name, value, allowed):
@@ -206,7 +206,7 @@ _numbers = st.one_of(
 )
 _anything = st.one_of(
     st.none(), st.booleans(), _numbers, st.text(max_size=6), _regexish,
-    st.sampled_from(["none", "all", "lora_only", "kaiming", "gaussian", "all-linear"]),
+    st.sampled_from(["none", "all", "lora_only", "kaiming", "gaussian", "gradient", "all-linear"]),
     st.lists(st.one_of(_names, st.text(max_size=3), st.integers()), max_size=3),
     st.tuples(_names),
     st.dictionaries(st.one_of(_regexish, _names, st.integers()), _numbers, max_size=3),
@@ -220,7 +220,7 @@ def _check_built(cfg: LoRAConfig) -> None:
     assert type(cfg.r) is int and cfg.r >= 1
     assert type(cfg.alpha) is float and math.isfinite(cfg.alpha) and cfg.alpha > 0
     assert type(cfg.dropout) is float and 0.0 <= cfg.dropout < 1.0
-    assert cfg.init in ("kaiming", "gaussian") and cfg.bias in ("none", "all", "lora_only")
+    assert cfg.init in ("kaiming", "gaussian", "gradient") and cfg.bias in ("none", "all", "lora_only")
     assert type(cfg.use_rslora) is bool and type(cfg.use_dora) is bool
     assert all(type(v) is int and v >= 1 for v in cfg.rank_pattern.values())
     assert all(type(v) is float and math.isfinite(v) and v > 0 for v in cfg.alpha_pattern.values())

@@ -97,6 +97,8 @@ def lora_variant(config: Mapping[str, Any] | None) -> str:
     'DoRA rsLoRA LoRA+ ratio=16'
     >>> lora_variant({"r": 8, "quantize_base": "nf4"})
     'QLoRA nf4'
+    >>> lora_variant({"r": 8, "init": "gradient"})
+    'gradient init'
     """
     if not config:
         return ""
@@ -110,6 +112,8 @@ def lora_variant(config: Mapping[str, Any] | None) -> str:
     ratio = config.get("loraplus_lr_ratio")
     if ratio is not None:
         parts.append(f"LoRA+ ratio={float(ratio):g}")
+    if config.get("init") == "gradient":
+        parts.append("gradient init")
     return " ".join(parts)
 
 

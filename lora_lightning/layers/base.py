@@ -11,7 +11,8 @@ checkpoints and per-sample batching ask it instead of testing types:
 * class attributes: ``_lora_base_class`` (the module type it adapts), ``weight_name``,
   ``all_linear`` (part of ``target_modules="all-linear"``), ``supports_per_sample``,
   ``supports_dropout``, ``supported_variants`` (``("dora",)`` or ``()``),
-  ``peft_embedding_keys`` and ``fan_in_fan_out`` (PEFT's key names and flag);
+  ``peft_embedding_keys`` and ``fan_in_fan_out`` (PEFT's key names and flag),
+  ``gradient_init`` (``A`` may start from the weight gradient);
 * :meth:`check_module` (why a module cannot carry an adapter) and :meth:`companions`
   (children adapted with it, as MultiheadAttention's ``out_proj``);
 * the math: :meth:`lora_shapes`, :meth:`lora_forward` (``B(A x)``), :meth:`delta_weight`
@@ -126,6 +127,10 @@ class LoRALayer:
     """PEFT names its tensors ``lora_embedding_A`` (no ``.weight``), as for embeddings."""
     fan_in_fan_out: ClassVar[bool] = False
     """The base weight is stored (in, out), as PEFT's ``fan_in_fan_out`` flag says."""
+    gradient_init: ClassVar[bool] = False
+    """Whether ``LoRAConfig(init="gradient")`` can set ``A`` from the weight gradient: the
+    layer computes with ``W + s·ΔW``, ``out_first(delta_weight(a, b))`` is
+    ``b.flatten(1) @ a.flatten(1)`` reshaped, and ``B`` starts at zero."""
     overridable: ClassVar[tuple[str, ...]] = ("forward",)
     """Methods of the base type a subclass must not override to be adapted as that type."""
 

@@ -221,6 +221,7 @@ class LoRALinear(MatmulLoRA, nn.Linear):
     """LoRA on ``nn.Linear``."""
 
     _lora_base_class = nn.Linear
+    gradient_init = True
 
     def base_2d(self, x2):
         return F.linear(x2, self.weight, self.bias)
@@ -240,6 +241,7 @@ class ConvLoRA(LoRALayer):
     kernel, stride, padding and dilation; B is a 1×1 conv."""
 
     _conv_fn: Any
+    gradient_init = True
     overridable = ("forward", "_conv_forward")
 
     @classmethod
@@ -322,6 +324,7 @@ class HFConv1DLoRA(MatmulLoRA):
     """LoRA on HF ``transformers`` ``Conv1D`` (GPT-2 style: weight is (in, out))."""
 
     fan_in_fan_out = True
+    gradient_init = True
 
     def base_2d(self, x2):
         if self.bias is None:

@@ -55,6 +55,7 @@ from ..optim import b_factor_ids
 from ..registry import check_name
 from ..summary import hparams_for, metrics_for, module_hparams, summary_table
 from .checkpoint_io import harden_checkpoint_io
+from .gradient_start import FirstStepInit
 from .module_hooks import HookState, configure_model_then_inject, load_hook, save_hook, wrap_hook
 
 _UNSET: Any = object()
@@ -128,6 +129,8 @@ class LoRACallback(Callback):
         self.verbose = verbose
         self.report: InjectionReport | None = None
         self._printed = False
+        self.first_step_init = (FirstStepInit(self.adapter or DEFAULT_ADAPTER)
+                                if config.init == "gradient" else None)
 
     @property
     def save(self) -> str:
@@ -192,8 +195,29 @@ class LoRACallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    # -- init="gradient": A from the first step's weight gradient ------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.first_step_init is not None:
+            self.first_step_init.batch_start(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self.first_step_init is not None:
+            self.first_step_init.before_optimizer_step(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        if self.first_step_init is not None:
+            self.first_step_init.cancel()
+
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.first_step_init is not None:
+            self.first_step_init.cancel()
         if trainer.global_rank != 0:
             return
         if self.export_adapter_dir:
@@ -211,11 +235,16 @@ class LoRACallback(Callback):
     # -- checkpoint state --------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "save_mode": self.save_mode,
-                "adapter": self.adapter}
+        state = {"config": self.config.to_dict(), "save_mode": self.save_mode,
+                 "adapter": self.adapter}
+        if self.first_step_init is not None:
+            state["gradient_init_done"] = self.first_step_init.done
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.first_step_init is not None and state_dict.get("gradient_init_done"):
+            self.first_step_init.done = True  # a resumed run keeps the A it saved
         saved = state_dict.get("config")
         if saved is not None and saved != self.config.to_dict():
             rank_zero_warn(
