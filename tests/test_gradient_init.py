@@ -297,3 +297,47 @@ def test_a_bfloat16_base_and_a_loss_scale_give_float32_adapters_from_the_same_di
         assert layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
         cos = (layer.lora_A / ROW_NORM) @ (want[name][0] / ROW_NORM).T
         assert cos.abs().diagonal().min() > 0.95  # bf16 rounding moves them only a little
+
+
+class _Recorder(L.Callback):
+    """Each step's B and head weight, after the step."""
+
+    def __init__(self) -> None:
+        self.b: list[torch.Tensor] = []
+        self.head: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.b.append(pl_module.fc1.lora_B.detach().clone())
+        self.head.append(pl_module.head.weight.detach().clone())
+
+
+def test_init_after_steps_lets_the_rest_train_first_then_sets_a_from_that_steps_gradient(
+        tmp_path):
+    config = LoRAConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"],
+                        init="gradient")
+    module, recorder, probe = _Module(), _Recorder(), _FirstBatchGrads()
+    a_start = None
+
+    class _A(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal a_start
+            a_start = pl_module.fc1.lora_A.detach().clone()
+
+    callback = LoRACallback(config, verbose=False, init_after_steps=2)
+    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+              callbacks=[probe, callback, recorder, _A()]).fit(module)
+    assert [bool(b.eq(0).all()) for b in recorder.b] == [True, True, False]  # waited 2 steps
+    assert not torch.equal(recorder.head[0], recorder.head[1])  # the head trained meanwhile
+    # A comes from the third step's weight gradient (the first one computed at all).
+    vh = torch.linalg.svd(probe.grads["fc1"], full_matrices=False).Vh[:2]
+    _same_rows_span(module.fc1.lora_A.detach(), vh)
+    assert not torch.equal(module.fc1.lora_A, a_start)
+    assert callback.first_step_init.report.initialised == ["fc1", "fc2"]
+
+
+def test_init_after_steps_is_checked_when_the_callback_is_built():
+    with pytest.raises(ArgumentError, match="init_after_steps: got -1; expected an integer"):
+        LoRACallback(GRAD, init_after_steps=-1)
+    with pytest.raises(ArgumentError, match="set init='gradient'"):
+        LoRACallback(LoRAConfig(target_modules=["fc1"]), init_after_steps=3)

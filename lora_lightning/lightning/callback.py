@@ -79,6 +79,10 @@ class LoRACallback(Callback):
             frozen and inactive, and checkpoints and exports hold only this adapter (and
             its own ``modules_to_save``). ``None`` (the default) trains the ``"default"``
             adapter and saves every trained tensor, as before named adapters existed.
+        init_after_steps: with ``LoRAConfig(init="gradient")``, the adapters do not train
+            for this many optimizer steps (everything else does, such as a new head in
+            ``modules_to_save``); then ``A`` is set from that step's weight gradient. 0
+            (the default) sets it at the first step.
 
     The module's ``configure_optimizers`` builds its optimizer from the tensors that require
     grad, best through :func:`~lora_lightning.optim.lora_param_groups`, which also applies
@@ -105,6 +109,7 @@ class LoRACallback(Callback):
         verbose: bool = True,
         save: Any = _UNSET,
         adapter: str | None = None,
+        init_after_steps: int = 0,
     ) -> None:
         argument = "save_mode"
         if save is not _UNSET:
@@ -129,7 +134,17 @@ class LoRACallback(Callback):
         self.verbose = verbose
         self.report: InjectionReport | None = None
         self._printed = False
-        self.first_step_init = (FirstStepInit(self.adapter or DEFAULT_ADAPTER)
+        if (isinstance(init_after_steps, bool) or not isinstance(init_after_steps, int)
+                or init_after_steps < 0):
+            raise ArgumentError("LoRACallback", "init_after_steps", init_after_steps,
+                                "expected an integer >= 0 (optimizer steps before the "
+                                "gradient init; 0 sets A at the first step)")
+        if init_after_steps and config.init != "gradient":
+            raise ArgumentError("LoRACallback", "init_after_steps", init_after_steps, (
+                f"it delays LoRAConfig(init='gradient'), and this config has init="
+                f"{config.init!r}; set init='gradient' or init_after_steps=0"))
+        self.init_after_steps = init_after_steps
+        self.first_step_init = (FirstStepInit(self.adapter or DEFAULT_ADAPTER, init_after_steps)
                                 if config.init == "gradient" else None)
 
     @property
@@ -206,7 +221,7 @@ class LoRACallback(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if self.first_step_init is not None:
-            self.first_step_init.before_optimizer_step(trainer)
+            self.first_step_init.before_optimizer_step(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,

@@ -13,7 +13,13 @@ when, on the trainer's terms:
   the gradient of the new ``A``; an overflowing float16 step is skipped and the next one
   tried;
 * never twice: not when the adapter has trained (any ``B`` not zero: a resumed run, a
-  second ``fit``), and the callback's checkpoint state records that it ran.
+  second ``fit``), and the callback's checkpoint state records that it ran;
+* optionally after ``wait`` optimizer steps in which the adapters do not train (their
+  gradients are dropped, so the optimizer skips them) while the rest trains: a new
+  classifier head (``modules_to_save``) starts random, and the gradient it sends into the
+  encoder at step 0 points along its random weights; a few steps later it points along
+  what tells the classes apart. The same as training the head alone first (LP-FT),
+  inside one run.
 
 Sharded strategies (FSDP, DeepSpeed, model parallel) hold each weight's gradient in
 shards; the init is refused there before any change.
@@ -47,14 +53,15 @@ def _broadcast(t: torch.Tensor) -> torch.Tensor:
 class FirstStepInit:
     """The first-step gradient init for one callback (its state is :attr:`done`)."""
 
-    def __init__(self, adapter: str) -> None:
+    def __init__(self, adapter: str, wait: int = 0) -> None:
         self.adapter = adapter
+        self.wait = wait
         self.done = False
         self.report: GradientInitReport | None = None
         self._init: GradientInit | None = None
 
     def batch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.done or self._init is not None:
+        if self.done or self._init is not None or trainer.global_step < self.wait:
             return
         if _trained(pl_module, self.adapter):
             self.done = True
@@ -70,9 +77,14 @@ class FirstStepInit:
         self._init = GradientInit(pl_module, self.adapter)
         self._init.start()
 
-    def before_optimizer_step(self, trainer: Trainer) -> None:
+    def before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         init = self._init
         if init is None:
+            if not self.done and trainer.global_step < self.wait:
+                for layer in lora_layers(pl_module).values():  # the adapters wait
+                    if self.adapter in layer.lora_specs:
+                        for p in layer._ab(self.adapter):
+                            p.grad = None
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
