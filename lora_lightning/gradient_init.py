@@ -140,9 +140,11 @@ class GradientInit:
 
     def start(self) -> None:
         """Make the base weights require grad, so the next backward computes them."""
-        for name, layer in self.layers.items():
+        # Read every flag first: layers may share (tie) one weight tensor.
+        self._started = {name: layer.base_weight().requires_grad
+                         for name, layer in self.layers.items()}
+        for layer in self.layers.values():
             w = layer.base_weight()
-            self._started[name] = w.requires_grad
             w.grad = None
             w.requires_grad_(True)
 
@@ -153,11 +155,6 @@ class GradientInit:
             w.grad = None
             w.requires_grad_(self._started.get(name, False))
         self._started.clear()
-
-    def gradients(self) -> dict[str, Tensor | None]:
-        """Each layer's weight gradient as stored (``None`` where the loss did not reach
-        it)."""
-        return {name: layer.base_weight().grad for name, layer in self.layers.items()}
 
     @torch.no_grad()
     def finish(self, reduce: Callable[[Tensor], Tensor] | None = None,

@@ -341,3 +341,21 @@ def test_init_after_steps_is_checked_when_the_callback_is_built():
         LoRACallback(GRAD, init_after_steps=-1)
     with pytest.raises(ArgumentError, match="set init='gradient'"):
         LoRACallback(LoRAConfig(target_modules=["fc1"]), init_after_steps=3)
+
+
+def test_layers_that_share_one_weight_are_frozen_again_after_the_init():
+    torch.manual_seed(0)
+    model = TinyNet(16)
+    model.fc2 = nn.Linear(16, 16)
+    model.fc3 = nn.Linear(16, 16)
+    model.fc3.weight = model.fc2.weight  # tied
+    inject_lora(model, LoRAConfig(r=2, target_modules=["fc2", "fc3"], init="gradient"))
+    assert set(GradientInit(model).layers) == {"fc2", "fc3"}
+    init = GradientInit(model)
+    init.start()
+    x, y = _batch()
+    h = torch.relu(model.fc1(x))
+    nn.functional.cross_entropy(model.head(model.fc3(torch.relu(model.fc2(h)))), y).backward()
+    init.finish()
+    assert not model.fc2.weight.requires_grad and not model.fc3.weight.requires_grad
+    assert model.fc2.weight.grad is None
