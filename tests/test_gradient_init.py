@@ -359,3 +359,23 @@ def test_layers_that_share_one_weight_are_frozen_again_after_the_init():
     init.finish()
     assert not model.fc2.weight.requires_grad and not model.fc3.weight.requires_grad
     assert model.fc2.weight.grad is None
+
+
+def test_a_sharded_strategy_is_refused_before_any_weight_is_touched():
+    from types import SimpleNamespace
+
+    from lora_lightning.lightning.gradient_start import FirstStepInit
+
+    class FSDPStrategy:  # named as Lightning's: the check reads the class names
+        pass
+
+    class MyFSDP(FSDPStrategy):  # a subclass is sharded too
+        pass
+
+    module = _Module()
+    inject_lora(module, GRAD)
+    trainer = SimpleNamespace(strategy=MyFSDP(), global_step=0)
+    with pytest.raises(ConfigError, match="strategy is MyFSDP, which shards") as err:
+        FirstStepInit("default").batch_start(trainer, module)
+    assert "strategy='ddp'" in str(err.value) and "init='kaiming'" in str(err.value)
+    assert not any(m.weight.requires_grad for m in lora_layers(module).values())
