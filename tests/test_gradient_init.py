@@ -196,8 +196,9 @@ class _FirstBatchGrads(L.Callback):
         self.grads: dict[str, torch.Tensor] = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = {n: m.weight.grad for n, m in lora_layers(pl_module).items()}
-        if not self.grads and all(g is not None for g in grads.values()):
+        grads = {n: m.weight.grad for n, m in lora_layers(pl_module).items()
+                 if m.weight.grad is not None}
+        if not self.grads and grads:
             self.grads = {n: g.clone() for n, g in grads.items()}
 
 
@@ -379,3 +380,34 @@ def test_a_sharded_strategy_is_refused_before_any_weight_is_touched():
         FirstStepInit("default").batch_start(trainer, module)
     assert "strategy='ddp'" in str(err.value) and "init='kaiming'" in str(err.value)
     assert not any(m.weight.requires_grad for m in lora_layers(module).values())
+
+
+class _EmbModule(L.LightningModule):
+    """An embedding (whose LoRA B starts random) before a Linear (whose B starts at 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 8)
+        self.fc1 = nn.Linear(8, 2)
+
+    def training_step(self, batch, _):
+        tokens, y = batch
+        return nn.functional.cross_entropy(self.fc1(self.emb(tokens).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 10, (16, 4), generator=g)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(tokens, (tokens[:, 0] > 4).long()), batch_size=8)
+
+
+def test_an_embedding_adapter_beside_does_not_count_as_trained(tmp_path):
+    config = LoRAConfig(r=2, target_modules=["emb", "fc1"], init="gradient")
+    module, _, probe, callback = _fit(tmp_path, 1, config, module=_EmbModule())
+    assert callback.first_step_init.report.initialised == ["fc1"]
+    assert "emb" in callback.first_step_init.report.kept
+    assert set(probe.grads) == {"fc1"}

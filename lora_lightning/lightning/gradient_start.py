@@ -33,15 +33,17 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ArgumentError, ConfigError
-from ..gradient_init import GradientInit, GradientInitReport
+from ..gradient_init import GradientInit, GradientInitReport, gradient_init_reason
 from ..registry import lora_layers
 
 SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 def _trained(pl_module: LightningModule, adapter: str) -> bool:
+    """Whether any layer the init would set has a ``B`` that is not zero (an embedding's
+    ``B`` starts random: it says nothing)."""
     return any(bool(m._ab(adapter)[1].any()) for m in lora_layers(pl_module).values()
-               if adapter in m.lora_specs)
+               if adapter in m.lora_specs and gradient_init_reason(m, adapter) is None)
 
 
 def _broadcast(t: torch.Tensor) -> torch.Tensor:
