@@ -218,8 +218,9 @@ class LoRAConfig:
     ``"gradient"``: A kaiming-uniform at injection, then, on the first training step
     (``LoRACallback``, or :class:`~lora_lightning.gradient_init.GradientInit` in plain
     PyTorch), the top-r right singular vectors of the layer's weight gradient, B = 0
-    (Linear, HF Conv1D and Conv layers with a dense base; others keep kaiming's A). Saved
-    PEFT files say ``init_lora_weights: true``: the init only decides how training starts."""
+    (Linear, HF Conv1D and Conv layers with a dense base; others keep the A they were
+    injected with). Saved PEFT files say ``init_lora_weights: true``: the init only decides
+    how training starts."""
     bias: str = "none"
     """Which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (adapted modules)."""
     modules_to_save: list[str] | None = None

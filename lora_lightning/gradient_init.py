@@ -25,7 +25,8 @@ again. The optimizer step then follows as usual. Plain PyTorch::
 ``LoRACallback`` does this on the first training step (the gradient averaged over DDP
 ranks and every accumulated micro-batch). Layers whose adapter is not ``B·A`` on the input
 (embeddings, ``nn.MultiheadAttention``), quantized bases (their weight has no gradient)
-and DoRA keep kaiming's ``A``; :attr:`GradientInit.skipped` says which and why.
+and DoRA keep the ``A`` they were injected with; :attr:`GradientInit.skipped` says which
+and why.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class GradientInitReport:
         text = f"A set from the first gradient on {len(self.initialised)} layer(s)"
         if self.kept:
             reasons = sorted(set(self.kept.values()))
-            text += (f"; {len(self.kept)} kept their kaiming A ({'; '.join(reasons)}: "
+            text += (f"; {len(self.kept)} kept the A they were injected with ({'; '.join(reasons)}: "
                      f"{sorted(self.kept)[:5]}{' ...' if len(self.kept) > 5 else ''})")
         return text
 

@@ -110,7 +110,7 @@ def test_conv_hf_conv1d_and_out_proj_get_b_gradients_as_autograd_others_keep_kai
     nn.functional.mse_loss(model(tokens), target).backward()
     report = init.finish()
     assert sorted(report.initialised) == ["attn.out_proj", "conv", "proj"]
-    assert set(report.kept) == {"emb", "attn"} and "kept their kaiming A" in report.summary()
+    assert set(report.kept) == {"emb", "attn"} and "kept the A they were injected with" in report.summary()
     layers = lora_layers(model)
     for name in ("emb", "attn"):
         assert torch.equal(layers[name].lora_A, kept_a[name])
