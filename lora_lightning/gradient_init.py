@@ -23,10 +23,11 @@ again. The optimizer step then follows as usual. Plain PyTorch::
     optimizer.step()
 
 ``LoRACallback`` does this on the first training step (the gradient averaged over DDP
-ranks and every accumulated micro-batch). Layers whose adapter is not ``B·A`` on the input
-(embeddings, ``nn.MultiheadAttention``), quantized bases (their weight has no gradient)
-and DoRA keep the ``A`` they were injected with; :attr:`GradientInit.skipped` says which
-and why.
+ranks and every accumulated micro-batch). Layer types without the ``gradient_init``
+flag (embeddings, whose ``B`` starts random; ``nn.MultiheadAttention``'s packed input
+projection; its ``out_proj`` is a Linear and takes it), quantized bases (their weight has
+no gradient) and DoRA keep the ``A`` they were injected with; :attr:`GradientInit.skipped`
+says which and why.
 """
 
 from __future__ import annotations
