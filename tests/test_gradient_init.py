@@ -8,6 +8,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from _fixture_module import FixtureModule
 from _tiny import TinyNet, TinyTraining, sign_data
 from torch import nn
 
@@ -202,7 +203,8 @@ class _FirstBatchGrads(L.Callback):
             self.grads = {n: g.clone() for n, g in grads.items()}
 
 
-def _fit(tmp_path, steps: int, config: LoRAConfig = GRAD, module=None, ckpt=None, **kw):
+def _fit(tmp_path, steps: int, config: LoRAConfig = GRAD, module=None, ckpt=None, data=None,
+         **kw):
     module = module or _Module()
     probe = _FirstBatchGrads()
     callback = LoRACallback(config, verbose=False)
@@ -210,7 +212,7 @@ def _fit(tmp_path, steps: int, config: LoRAConfig = GRAD, module=None, ckpt=None
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[probe, callback], **kw)
-    trainer.fit(module, ckpt_path=ckpt)
+    trainer.fit(module, data, ckpt_path=ckpt)
     return module, trainer, probe, callback
 
 
@@ -382,32 +384,13 @@ def test_a_sharded_strategy_is_refused_before_any_weight_is_touched():
     assert not any(m.weight.requires_grad for m in lora_layers(module).values())
 
 
-class _EmbModule(L.LightningModule):
-    """An embedding (whose LoRA B starts random) before a Linear (whose B starts at 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(10, 8)
-        self.fc1 = nn.Linear(8, 2)
-
-    def training_step(self, batch, _):
-        tokens, y = batch
-        return nn.functional.cross_entropy(self.fc1(self.emb(tokens).mean(1)), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 10, (16, 4), generator=g)
-        return torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(tokens, (tokens[:, 0] > 4).long()), batch_size=8)
-
-
 def test_an_embedding_adapter_beside_does_not_count_as_trained(tmp_path):
+    # FixtureModule: an embedding (whose LoRA B starts random) before fc1 (B starts at 0)
     config = LoRAConfig(r=2, target_modules=["emb", "fc1"], init="gradient")
-    module, _, probe, callback = _fit(tmp_path, 1, config, module=_EmbModule())
+    tokens = torch.randint(0, 10, (16, 4), generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(tokens, (tokens[:, 0] > 4).long()), batch_size=8)
+    module, _, probe, callback = _fit(tmp_path, 1, config, module=FixtureModule(), data=data)
     assert callback.first_step_init.report.initialised == ["fc1"]
     assert "emb" in callback.first_step_init.report.kept
     assert set(probe.grads) == {"fc1"}
