@@ -61,6 +61,11 @@ def main(checkpoint: str, data: str, adapters: list[str]) -> None:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     tuned = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     linear = [k for k in base if LINEAR.search(k)]
+    missing = [k for k in linear if k not in tuned]
+    if missing:
+        sys.exit(f"{checkpoint} holds no full weights for {len(missing)} encoder Linear layers "
+                 f"(e.g. net.{missing[0]}): pass the best.ckpt of a full fine-tuning run "
+                 "(lora=none), not of a LoRA run, whose checkpoint holds only the adapters.")
     delta = {k: (tuned[k] - base[k]).double() for k in linear}
     total = sum(float((d ** 2).sum()) for d in delta.values())
 
