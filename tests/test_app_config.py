@@ -151,6 +151,25 @@ def test_all_linear_emb_adapts_all_linear_layers_and_the_token_embedding(tmp_pat
     assert set(scales.values()) == {2.0}
 
 
+def test_all_linear_r64_moves_b_a_per_step_as_all_linear_does(tmp_path):
+    # Under Adam each entry of B moves about the rate per step, so B·A grows by about
+    # scale * sqrt(r) * rate: rank 64 at rsLoRA's scale must match rank 8's, at the same rate.
+    from lora_lightning import LoRAConfig
+
+    speeds = {}
+    for option in ("all_linear", "all_linear_r64"):
+        with composed(tmp_path, f"lora={option}") as cfg:
+            config = LoRAConfig(**OmegaConf.to_container(cfg.lora.config))
+            speeds[option] = (config.scaling_for(config.r, config.alpha) * config.r ** 0.5,
+                              cfg.lora.lr, config.target_modules, config.init, config.r)
+    assert speeds["all_linear_r64"][0] == pytest.approx(speeds["all_linear"][0], rel=1e-4)
+    assert speeds["all_linear_r64"][1:3] == speeds["all_linear"][1:3]
+    assert speeds["all_linear_r64"][3:] == ("gradient", 64)
+    with composed(tmp_path, "lora=all_linear_r64") as cfg:
+        assert cfg.lora.label == "LoRA all-linear r=64, gradient init"
+        assert isinstance(instantiate(cfg.lora.callback), LoRACallback)
+
+
 def test_learning_rate_follows_the_kind_of_run(tmp_path):
     rates = {}
     for option in ("none", "qv", "all_linear", "head_only"):

@@ -135,7 +135,7 @@ def test_text_files_run_sizes_the_head_from_the_data(tmp_path):
 def test_console_script_help_lists_groups_and_launchers(tmp_path):
     proc = run_app(tmp_path, "--help", script=True)
     assert "== Config groups ==" in proc.stdout
-    for line in ("lora: all_linear, all_linear_emb, conv, head_only, lm_all_linear, lm_full, lm_qlora, lm_qv, none, qv",
+    for line in ("lora: all_linear, all_linear_emb, all_linear_r64, conv, head_only, lm_all_linear, lm_full, lm_qlora, lm_qv, none, qv",
                  "model: digits_cnn, minilm, smollm2", "data: digits, hamlet, hamlet_chat,",
                  "experiment: digits, full_split, full_vs_lora, lm_lora, rank_sweep", "trainer: cpu, ddp, gpu",
                  "logger: csv, tensorboard", "hydra/launcher=parallel"):

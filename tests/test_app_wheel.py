@@ -59,7 +59,7 @@ def test_wheel_install_runs_the_app_with_its_configs(tmp_path):
     assert (site / "lora_lightning" / "conf" / "experiment" / "rank_sweep.yaml").is_file()
 
     help_text = _run(str(venv / "bin" / "lora-lightning"), "--help", cwd=elsewhere)
-    assert "lora: all_linear, all_linear_emb, conv, head_only, lm_all_linear, lm_full, lm_qlora, lm_qv, none, qv" in help_text
+    assert "lora: all_linear, all_linear_emb, all_linear_r64, conv, head_only, lm_all_linear, lm_full, lm_qlora, lm_qv, none, qv" in help_text
     job = _run(str(python), "-m", "lora_lightning.train", "experiment=rank_sweep", "rank=4",
                "--cfg", "job", "--resolve", cwd=elsewhere)
     assert "r: 4" in job and "target_modules: all-linear" in job

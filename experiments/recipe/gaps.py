@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 LABELS = {"full_ft": "full fine-tuning", "lora_all_linear": "LoRA all-linear",
-          "lora_all_linear_emb": "LoRA all-linear+embeddings"}
+          "lora_all_linear_emb": "LoRA all-linear+embeddings",
+          "lora_all_linear_r64": "LoRA all-linear r=64, gradient init"}
 
 
 def _rows(source: Path) -> list[tuple[str, int, float]]:
