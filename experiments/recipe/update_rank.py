@@ -96,12 +96,15 @@ def main(checkpoint: str, data: str, adapters: list[str]) -> None:
     for k in (0, 8, 32, 64):
         row(f"truncated to rank {k}", {n: (u[:, :k] * s[:k]) @ vh[:k] for n, (u, s, vh) in svd.items()})
     gen = torch.Generator().manual_seed(0)
+    # Each gradient's right singular vectors once; rank k keeps the first k of them.
+    grad_vh = {b: {n: torch.linalg.svd(g[n].double(), full_matrices=False).Vh for n in linear}
+               for b, g in grads.items()}
     for k in (8, 64):
         sources = {"random": {n: torch.randn(k, d.shape[1], generator=gen, dtype=torch.double)
                               for n, d in delta.items()}}
-        for b, g in grads.items():
+        for b, vh in grad_vh.items():
             sources[f"the gradient of {b} batch{'es' if b > 1 else ''}"] = {
-                n: torch.linalg.svd(g[n].double(), full_matrices=False).Vh[:k] for n in linear}
+                n: v[:k] for n, v in vh.items()}
         for label, rows in sources.items():
             projected = {}
             for n in linear:
