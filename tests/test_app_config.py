@@ -156,18 +156,19 @@ def test_all_linear_r64_moves_b_a_per_step_as_all_linear_does(tmp_path):
     # scale * sqrt(r) * rate: rank 64 at rsLoRA's scale must match rank 8's, at the same rate.
     from lora_lightning import LoRAConfig
 
-    speeds = {}
+    runs = {}
     for option in ("all_linear", "all_linear_r64"):
         with composed(tmp_path, f"lora={option}") as cfg:
             config = LoRAConfig(**OmegaConf.to_container(cfg.lora.config))
-            speeds[option] = (config.scaling_for(config.r, config.alpha) * config.r ** 0.5,
-                              cfg.lora.lr, config.target_modules, config.init, config.r)
-    assert speeds["all_linear_r64"][0] == pytest.approx(speeds["all_linear"][0], rel=1e-4)
-    assert speeds["all_linear_r64"][1:3] == speeds["all_linear"][1:3]
-    assert speeds["all_linear_r64"][3:] == ("gradient", 64)
-    with composed(tmp_path, "lora=all_linear_r64") as cfg:
-        assert cfg.lora.label == "LoRA all-linear r=64, gradient init"
-        assert isinstance(instantiate(cfg.lora.callback), LoRACallback)
+            runs[option] = (config, cfg.lora.lr, cfg.lora.get("label"),
+                            instantiate(cfg.lora.callback))
+    (r8, r8_lr, _, _), (r64, r64_lr, label, callback) = runs.values()
+    speed = {c.r: c.scaling_for(c.r, c.alpha) * c.r ** 0.5 for c in (r8, r64)}
+    assert speed[64] == pytest.approx(speed[8], rel=1e-4)
+    assert (r64_lr, r64.target_modules) == (r8_lr, r8.target_modules)
+    assert (r64.init, r64.r) == ("gradient", 64)
+    assert label == "LoRA all-linear r=64, gradient init"
+    assert isinstance(callback, LoRACallback)
 
 
 def test_learning_rate_follows_the_kind_of_run(tmp_path):
