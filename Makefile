@@ -2,7 +2,7 @@
 #   make demo  - the default job: full fine-tuning vs LoRA on MiniLM + Rotten Tomatoes
 #   make test  - the whole test suite (what CI runs)
 #   make lm    - LoRA vs full fine-tuning on a real LLM (SmolLM2-135M, Hamlet), ~15 min
-#   make recipe - the shipped recipe on two held-out text sets, 3 seeds (experiments/recipe)
+#   make recipe - the shipped recipe on two held-out text sets, 5 seeds (experiments/recipe)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(BIN)/lora-lightning experiment=full_vs_lora
 
 # The shipped recipe on two text sets it was not tuned on (experiments/recipe): full FT vs
-# LoRA all-linear, three seeds each, about an hour on 2 cores.
+# LoRA all-linear r=64, five seeds each, about 90 minutes on 2 cores.
 recipe: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,recipe]' $(TORCH)
 	OMP_WAIT_POLICY=PASSIVE bash experiments/recipe/run.sh

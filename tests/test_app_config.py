@@ -290,7 +290,7 @@ def test_launcher_options_compose_to_a_real_launcher(tmp_path, option):
 def test_full_vs_lora_is_a_four_run_sweep(tmp_path):
     with composed(tmp_path, "experiment=full_vs_lora") as cfg:
         assert cfg.hydra.mode == RunMode.MULTIRUN
-        assert cfg.hydra.sweeper.params.lora.split(",") == ["none", "qv", "all_linear", "head_only"]
+        assert cfg.hydra.sweeper.params.lora.split(",") == ["none", "qv", "all_linear_r64", "head_only"]
         assert cfg.name == "full_vs_lora"
         assert cfg.hydra.runtime.choices.model == "minilm"
         # The recipe: a budget of optimizer steps, not epochs, then a linear decay.

@@ -93,7 +93,7 @@ def test_table_has_the_comparison_columns(multi_seed_sweep):
 
 
 def test_single_seed_runs_are_labelled_by_name_when_ranks_repeat(tmp_path):
-    # full_vs_lora: two LoRA runs share r=8, so points carry their run names.
+    # Two LoRA runs at the same r=8 (lora=qv and lora=all_linear): points carry their run names.
     sweep = _write(tmp_path / "s", [
         _result("full_ft", "full", None, 0, 0.77, TOTAL, 0),
         _result("lora_qv", "lora", 8, 0, 0.74, 74_498, 1),

@@ -2,8 +2,8 @@
 paired gap (LoRA minus full fine-tuning, in points, same seed).
 
     python experiments/recipe/gaps.py tweets=outputs/recipe_tweets speeches=outputs/recipe_speeches
-    python experiments/recipe/gaps.py speeches=outputs/emb_speeches,experiments/recipe/speeches/sweep.csv
-    python experiments/recipe/gaps.py speeches=outputs/r64_rs_speeches,experiments/recipe/speeches/sweep.csv#full_ft
+    python experiments/recipe/gaps.py speeches=outputs/emb_speeches,experiments/recipe/rank8/speeches/sweep.csv
+    python experiments/recipe/gaps.py speeches=outputs/r64_rs_speeches,experiments/recipe/rank8/speeches/sweep.csv#full_ft
 
 Each argument is ``set=source[,source...]``; a source is a sweep folder (the jobs'
 ``result.json`` files) or a ``sweep.csv`` written by ``lora_lightning.app.report`` (runs
@@ -66,7 +66,7 @@ def _mean_sd(values: list[float], scale: float = 1.0, fmt: str = ".4f") -> str:
 def main(args: list[str]) -> None:
     if not args or any("=" not in a for a in args):
         sys.exit("usage: gaps.py SET=SOURCE[#RUN][,SOURCE[#RUN]...] ...  (e.g. "
-                 "tweets=outputs/recipe_tweets,experiments/recipe/tweets/sweep.csv#full_ft)")
+                 "tweets=outputs/recipe_tweets,experiments/recipe/rank8/tweets/sweep.csv#full_ft)")
     print("| set | LoRA run | seeds | full fine-tuning | LoRA | LoRA − full (points), per seed "
           "| mean ± sd |")
     print("|---|---|---|---:|---:|---|---:|")
