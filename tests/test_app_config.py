@@ -167,7 +167,7 @@ def test_all_linear_r64_moves_b_a_per_step_as_all_linear_does(tmp_path):
     assert speed[64] == pytest.approx(speed[8], rel=1e-4)
     assert (r64_lr, r64.target_modules) == (r8_lr, r8.target_modules)
     assert (r64.init, r64.r) == ("gradient", 64)
-    assert label == "LoRA all-linear r=64, gradient init"
+    assert label is None  # the report names it by its targets, rank and variant
     assert isinstance(callback, LoRACallback)
 
 

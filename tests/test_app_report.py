@@ -138,6 +138,20 @@ def test_a_lora_option_with_a_label_is_named_by_it_not_by_its_target_list():
     assert labels == ["LoRA query+value r=8", "LoRA all-linear+embeddings r=8"]
 
 
+def test_lora_runs_of_different_targets_are_not_a_rank_series():
+    # full_vs_lora: q,v at r=8 beside all-linear at r=64 with the gradient init. Distinct
+    # ranks alone would read as a rank sweep ("r=8", "r=64") and hide what each run adapts.
+    from lora_lightning.app.report import lora_variant
+
+    qv = _result("lora_qv", "lora", 8, 0, 0.77, 74_498, 1)
+    qv.update(targets="query,value", label=None)
+    r64 = _result("lora_all_linear_r64", "lora", 64, 0, 0.79, 2_654_978, 2)
+    r64.update(targets="all-linear", label=None,
+               variant=lora_variant({"use_rslora": True, "init": "gradient"}))
+    labels = [g.label for g in group_results([qv, r64])]
+    assert labels == ["LoRA query+value r=8", "LoRA all-linear r=64 rsLoRA gradient init"]
+
+
 def test_a_rank_series_label_names_the_variant_too():
     from lora_lightning.app.report import lora_variant
 

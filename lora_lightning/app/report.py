@@ -136,7 +136,11 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
         key=lambda g: (g.kind == "full", g.mean("trainable_params"), g.run),
     )
     lora = [g for g in ordered if g.kind == "lora"]
-    by_rank = len({g.rank for g in lora}) == len(lora) and all(g.rank for g in lora)
+    # A rank series (a sweep over lora.config.r) is labelled by rank alone; LoRA runs that
+    # also differ in their targets or variant (q,v at r=8 beside all-linear at r=64) are not.
+    alike = len({(g.runs[0].get("targets"), g.runs[0].get("label"), g.runs[0].get("variant"))
+                 for g in lora}) == 1
+    by_rank = alike and len({g.rank for g in lora}) == len(lora) and all(g.rank for g in lora)
     for g in ordered:
         if g.kind == "lora" and by_rank and len(lora) > 1:
             g.label = f"r={g.rank}"
