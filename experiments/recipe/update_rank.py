@@ -31,15 +31,14 @@ the largest singular value.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from lora_lightning import read_adapter
 from lora_lightning.examples import TextFilesDataModule
 from lora_lightning.examples.classification.text import MiniLMClassifier
 
@@ -120,13 +119,16 @@ def main(checkpoint: str, data: str, adapters: list[str]) -> None:
 
 
 def adapter_updates(folder: Path) -> dict[str, torch.Tensor]:
-    """``s·B·A`` of every adapted Linear in a PEFT-format adapter folder."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    r = config["r"]
-    scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
-    tensors = load_file(folder / "adapter_model.safetensors")
-    return {k: scale * tensors[k.replace("lora_A", "lora_B")].double() @ a.double()
-            for k, a in tensors.items() if "lora_A" in k}
+    """``s·B·A`` of every adapted Linear in an adapter folder, keyed by the layer's name;
+    ``s`` is the layer's own scale (``rank_pattern`` and ``alpha_pattern`` included)."""
+    config, tensors = read_adapter(folder)
+    updates = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A"):
+            name = key.removesuffix(".lora_A")
+            scale = config.scaling_for(config.rank_for(name), config.alpha_for(name))
+            updates[name] = scale * tensors[f"{name}.lora_B"].double() @ a.double()
+    return updates
 
 
 def sizes(label: str, updates: dict[str, torch.Tensor]) -> str:
