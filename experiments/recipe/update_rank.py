@@ -21,7 +21,8 @@ full fine-tuning's update and ``ΔW'`` one of
 ``energy`` is the share of ``Σ‖ΔW‖²`` that the kept part holds. The test accuracy is read
 on the test file. Embeddings, LayerNorms and biases stay pretrained, as under LoRA
 all-linear, so the last row (every Linear's whole update) is LoRA's ceiling, below full
-fine-tuning's own score, which the first row gives.
+fine-tuning's own score, which the first row gives; a last row adds full fine-tuning's
+encoder LayerNorms and biases to it (what is left is the embedding tables).
 
 Each ADAPTER_FOLDER (a LoRA run's ``adapter/``, PEFT format) adds a row to a last table:
 the size of its update ``s·B·A`` per layer type beside full fine-tuning's ``ΔW``, as the mean
@@ -84,9 +85,10 @@ def main(checkpoint: str, data: str, adapters: list[str]) -> None:
 
     lora_like = {k: tuned[k] if k.startswith("classifier.") else base[k] for k in base}
 
-    def row(name: str, kept: dict[str, torch.Tensor]) -> None:
+    def row(name: str, kept: dict[str, torch.Tensor], also: list[str] = ()) -> None:
         energy = sum(float((kept[k] ** 2).sum()) for k in linear) / total
         weights = dict(lora_like) | {k: (base[k].double() + kept[k]).float() for k in linear}
+        weights |= {k: tuned[k] for k in also}
         print(f"| {name} | {energy:.3f} | {accuracy(weights):.4f} |", flush=True)
 
     print(f"full fine-tuning as trained: test acc {accuracy(tuned):.4f}\n")
@@ -111,6 +113,10 @@ def main(checkpoint: str, data: str, adapters: list[str]) -> None:
                 projected[n] = delta[n] @ q @ q.T
             row(f"inside A from {label}, r={k}", projected)
     row("every Linear's whole update (LoRA's ceiling)", delta)
+    # What LoRA all-linear leaves out but full fine-tuning also trains, short of the
+    # embedding tables: the encoder's LayerNorms and biases.
+    rest = [k for k in base if ".encoder.layer." in k and k not in linear and k in tuned]
+    row("the same + full fine-tuning's LayerNorms and biases", delta, rest)
     if adapters:
         print("\n| update | " + " | ".join(KINDS) + " |\n|---|" + "---:|" * len(KINDS))
         print(sizes("full fine-tuning ΔW", delta))
