@@ -255,7 +255,7 @@ def test_readme_server_example_runs_as_printed(tmp_path, sl, monkeypatch):
     shell = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).splitlines()
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md (serving)", "exec"), {})
-    assert shell[0] == ("python -m lora_lightning.serve --model served/model "
+    assert shell[0] == (".venv/bin/python -m lora_lightning.serve --model served/model "
                         "--adapters served/adapters --port 8000 &")
     with sl.Server(tmp_path / "served" / "model", tmp_path / "served" / "adapters") as srv:
         answers = []
