@@ -138,6 +138,9 @@ def adapter_rows() -> None:
     data = json.loads((b / "adapter_config.json").read_text())
     (b / "adapter_config.json").write_text(json.dumps({**data, "lora_dropout": 1.5}))
     row("`adapter_config.json` with `lora_dropout: 1.5`", lambda: read_adapter(b))
+    m = fresh("garbled_meta")
+    (m / "lora_lightning.json").write_text('{"r": 2,')
+    row("`lora_lightning.json` garbled", lambda: read_adapter(m))
 
     import safetensors.torch
 

@@ -159,7 +159,7 @@ def test_save_overwrites_and_leaves_no_temporary_files(tmp_path):
     randomize_adapters(model, 7, select=is_trainable)
     save_adapter(model, tmp_path / "a" / "b")
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors",
+        "adapter_config.json", "adapter_model.safetensors", "lora_lightning.json",
     ]
     _, sd = read_adapter(tmp_path / "a" / "b")
     assert torch.equal(sd["lin.lora_B"], model.lin.lora_B.detach())
@@ -198,7 +198,7 @@ def test_file_layout(variant, tmp_path):
     model, _ = trained(variant)
     assert save_adapter(model, tmp_path) == tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors",
+        "adapter_config.json", "adapter_model.safetensors", "lora_lightning.json",
     ]
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_keys(variant)
@@ -209,6 +209,9 @@ def test_file_layout(variant, tmp_path):
     assert (data["r"], data["lora_alpha"], data["bias"]) == (2, 4.0, "lora_only")
     assert data["use_dora"] is (variant == "dora")
     assert data["modules_to_save"] == ["head"]
+    assert "lora_lightning" not in data  # ours is lora_lightning.json: PEFT warns about it
+    meta = json.loads((tmp_path / "lora_lightning.json").read_text())
+    assert LoRAConfig.from_dict(meta) == our_config(variant)
     adapted = set(lora_layers(model))
     names = [n for n, _ in model.named_modules() if n]
 
@@ -248,6 +251,23 @@ def test_ours_loads_in_peft(variant, peft, tmp_path):
     assert peft_adapted(pm) == {n: m.r for n, m in lora_layers(model).items()}
     with torch.no_grad():
         assert_close_fp32(pm(X), y)
+
+
+def test_peft_loads_ours_without_an_unexpected_keyword_warning(peft, tmp_path):
+    """Our metadata (label names, our config) lives beside PEFT's files, not in
+    adapter_config.json, where PEFT warns "Unexpected keyword arguments ['lora_lightning']
+    ... pip install -U peft" about it."""
+    import warnings
+
+    model, base = trained()
+    save_adapter(model, tmp_path, label_names=["sad", "flat", "glad"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    unexpected = [str(w.message) for w in caught if "Unexpected keyword" in str(w.message)]
+    assert unexpected == []
+    with torch.no_grad():
+        assert_close_fp32(pm(X), model(X))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -548,10 +568,12 @@ def test_label_names_round_trip_and_leave_loading_unchanged(tmp_path):
     save_adapter(model, tmp_path / "named", label_names=["sad", "flat", "glad"])
     assert read_label_names(tmp_path / "plain") is None
     assert read_label_names(tmp_path / "named") == ["sad", "flat", "glad"]
-    # The names sit in our own section only: PEFT's fields and the weights are the same.
-    plain, named = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+    # The names sit in our own file only: PEFT's config and the weights are the same.
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "named" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    plain, named = (json.loads((tmp_path / d / "lora_lightning.json").read_text())
                     for d in ("plain", "named"))
-    assert named["lora_lightning"].pop("label_names") == ["sad", "flat", "glad"]
+    assert named.pop("label_names") == ["sad", "flat", "glad"]
     assert named == plain
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "named")
     with torch.no_grad():
@@ -569,11 +591,134 @@ def test_bad_label_names_are_refused_naming_the_value(tmp_path, names):
         save_adapter(model, tmp_path / "a", label_names=names)
     assert not (tmp_path / "a").exists()
     save_adapter(model, tmp_path / "b", label_names=["x", "y", "z"])
-    path = tmp_path / "b" / "adapter_config.json"
+    path = tmp_path / "b" / "lora_lightning.json"
     data = json.loads(path.read_text())
-    data["lora_lightning"]["label_names"] = names
+    data["label_names"] = names
     path.write_text(json.dumps(data))
-    with pytest.raises(AdapterFileError, match=r"lora_lightning\.label_names is .*expected a "
-                                               r"list") as info:
+    with pytest.raises(AdapterFileError, match=r"field 'label_names' is .*expected a list"
+                       ) as info:
         read_label_names(tmp_path / "b")
-    assert info.value.field == "lora_lightning.label_names" and str(path) in str(info.value)
+    assert info.value.field == "label_names" and str(path) in str(info.value)
+    with pytest.raises(AdapterFileError, match=r"field 'label_names' is .*expected a list"):
+        read_adapter(tmp_path / "b")  # loading checks it too
+
+
+def _as_written_before(directory: Path) -> Path:
+    """``directory`` as earlier versions wrote it: our metadata as a "lora_lightning"
+    section of adapter_config.json, no lora_lightning.json."""
+    meta = directory / "lora_lightning.json"
+    _edit_config(directory, lora_lightning=json.loads(meta.read_text()))
+    meta.unlink()
+    return directory
+
+
+def test_a_directory_written_before_lora_lightning_json_keeps_its_metadata(tmp_path):
+    from lora_lightning.io.adapter_files import read_label_names
+
+    model, base = trained()
+    old = _as_written_before(save_adapter(model, tmp_path / "old", label_names=["a", "b", "c"]))
+    assert read_label_names(old) == ["a", "b", "c"]
+    assert read_adapter(old)[0] == read_adapter(save_adapter(model, tmp_path / "new"))[0]
+    with torch.no_grad():
+        assert_close_fp32(load_adapter(copy.deepcopy(base), old)(X), model(X))
+    _edit_config(old, lora_lightning={"label_names": ["a"]})  # checked as before
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field "
+                                               r"lora_lightning\.label_names is \['a'\]"):
+        read_label_names(old)
+    # Saving again moves the metadata out of adapter_config.json.
+    save_adapter(model, old, label_names=["x", "y", "z"])
+    assert "lora_lightning" not in json.loads((old / "adapter_config.json").read_text())
+    assert read_label_names(old) == ["x", "y", "z"]
+
+
+def test_lora_lightning_json_and_an_old_section_that_disagree_are_refused(tmp_path):
+    from lora_lightning.io.adapter_files import read_label_names
+
+    model, _ = trained()
+    directory = save_adapter(model, tmp_path / "a", label_names=["a", "b", "c"])
+    meta = json.loads((directory / "lora_lightning.json").read_text())
+    _edit_config(directory, lora_lightning=meta)  # the same: fine
+    assert read_label_names(directory) == ["a", "b", "c"]
+    _edit_config(directory, lora_lightning={**meta, "label_names": ["c", "b", "a"]})
+    with pytest.raises(AdapterFileError, match=r"lora_lightning\.json: its label names \['a', "
+                       r"'b', 'c'\] differ from \['c', 'b', 'a'\], in the 'lora_lightning' "
+                       r"section of .*adapter_config\.json"):
+        read_label_names(directory)
+
+
+def _meta_not_object(path):
+    path.write_text("[1, 2]")
+    return r"expected a JSON object of LoRAConfig fields and 'label_names', got list", None
+
+
+def _meta_garbled(path):
+    path.write_text('{"r": 2,, "label_names"')
+    return r"not valid JSON .*Save the adapter again with save_adapter, or delete", None
+
+
+def _meta_binary(path):
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    return r"not valid JSON", None
+
+
+def _meta_too_long(path):
+    path.write_text('{"label_names": ["a", "b"], "r": 2' + " " * (1 << 20) + "}")
+    return r"1,048,\d+ characters, more than the 1,048,576 characters a lora_lightning\.json", None
+
+
+def _meta_huge(path):
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)  # sparse: 64 MiB of zero bytes, never read whole
+    return r"over 4,194,304 bytes, more than the 1,048,576 characters", None
+
+
+def _meta_deep(path):
+    path.write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return r"nested too deeply", None
+
+
+def _meta_unknown_key(path):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "labels": ["a", "b"]}))
+    return r"field 'labels': LoRAConfig: unknown field\(s\) \['labels'\]", "labels"
+
+
+def _meta_bad_value(path):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": "8"}))
+    return r"field 'r': LoRAConfig\.r: got '8'", "r"
+
+
+def _meta_long_number(path):
+    path.write_text(path.read_text().replace('"r": 2', '"r": ' + "9" * 5000))
+    return r"field 'r': LoRAConfig\.r: got <a 5,000-digit number>", "r"
+
+
+def _meta_bad_labels(path):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "label_names": ["a", "a"]}))
+    return r"field 'label_names' is \['a', 'a'\]: it holds a name twice", "label_names"
+
+
+META_ERRORS = [_meta_not_object, _meta_garbled, _meta_binary, _meta_too_long, _meta_huge,
+               _meta_deep, _meta_unknown_key, _meta_bad_value, _meta_long_number,
+               _meta_bad_labels]
+
+
+@pytest.mark.parametrize("breaker", META_ERRORS, ids=lambda f: f.__name__.strip("_"))
+def test_a_malformed_lora_lightning_json_is_refused_before_the_model_changes(breaker, tmp_path):
+    from lora_lightning.io.adapter_files import load_adapters, read_label_names
+
+    model, _ = trained()
+    directory = save_adapter(model, tmp_path / "set" / "b", label_names=["a", "b", "c"])
+    save_adapter(model, tmp_path / "set")  # load_adapters: "default" at the top, "b" below
+    path = directory / "lora_lightning.json"
+    pattern, field = breaker(path)
+    for read in (read_adapter, read_label_names):
+        with pytest.raises(AdapterFileError, match=pattern) as info:
+            read(directory)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+        assert (info.value.path, info.value.field) == (str(path), field)
+    for load in (lambda m: load_adapter(m, directory), lambda m: load_adapters(m, tmp_path / "set")):
+        fresh = base_model()
+        before = state(fresh)
+        with pytest.raises(AdapterFileError, match=pattern):
+            load(fresh)
+        assert_state(fresh, before)

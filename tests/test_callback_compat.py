@@ -731,7 +731,7 @@ def test_export_flags_write_a_peft_adapter_and_a_merged_state_dict(tmp_path):
     assert not torch.allclose(want, base_out, atol=1e-4)  # the adapters matter
 
     assert {p.name for p in adapter_dir.iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors"
+        "adapter_config.json", "adapter_model.safetensors", "lora_lightning.json"
     }
     peft_loaded = load_adapter(TinyModule(), adapter_dir).eval()
     with torch.no_grad():

@@ -5,7 +5,10 @@ that PeftModel loads with identical logits, tied embeddings, the callback and th
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -164,3 +167,14 @@ def test_export_command_from_a_checkpoint(tmp_path, tiny_lm_dir, capsys, lora):
 def test_export_command_names_a_missing_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "none.ckpt"), str(tmp_path / "out")]) == 1
     assert "none.ckpt" in capsys.readouterr().err
+
+
+def test_export_command_runs_without_a_runpy_warning():
+    """``python -m lora_lightning.examples.language.export``: the packages above it must not
+    import it first, or runpy warns "found in sys.modules after import of package"."""
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    out = subprocess.run([sys.executable, "-m", "lora_lightning.examples.language.export",
+                          "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m lora_lightning.examples.language.export" in out.stdout
+    assert "RuntimeWarning" not in out.stderr, out.stderr

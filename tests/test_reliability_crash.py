@@ -130,4 +130,4 @@ def test_killed_while_saving_an_adapter_keeps_the_old_adapter(tmp_path, fault):
     for key, value in old.items():
         assert torch.equal(state[key], value), key
     visible = sorted(p.name for p in (tmp_path / "adapter").iterdir() if not p.name.startswith("."))
-    assert visible == ["adapter_config.json", "adapter_model.safetensors"]
+    assert visible == ["adapter_config.json", "adapter_model.safetensors", "lora_lightning.json"]

@@ -129,7 +129,8 @@ def test_kernel_write_failure_midway_efbig(tmp_path):
     _, state = read_adapter(tmp_path / "adapter")
     assert_states_equal(state, out["adapter_before"])
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors",
+        "lora_lightning.json"]
 
 
 # -- save_adapter ---------------------------------------------------------------------------
@@ -143,7 +144,8 @@ def _adapter_model(shift: float) -> Net:
     return model
 
 
-@pytest.mark.parametrize("failing", ["adapter_model.safetensors", "adapter_config.json"])
+@pytest.mark.parametrize("failing", ["adapter_model.safetensors", "adapter_config.json",
+                                     "lora_lightning.json"])
 def test_save_adapter_on_a_full_disk_names_the_file_and_keeps_the_old_adapter(
     tmp_path, monkeypatch, failing
 ):
@@ -164,8 +166,12 @@ def test_save_adapter_on_a_full_disk_names_the_file_and_keeps_the_old_adapter(
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     else:
+        real_write_text = pathlib.Path.write_text
+
         def write_text(self, data, *args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if failing in self.name:  # the temporary beside it: .<name>.<pid>...partial
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write_text(self, data, *args, **kwargs)
 
         monkeypatch.setattr(pathlib.Path, "write_text", write_text)
     with pytest.raises(OSError, match="No space left on device") as info:
@@ -174,7 +180,8 @@ def test_save_adapter_on_a_full_disk_names_the_file_and_keeps_the_old_adapter(
     print(f"save_adapter, disk full in {failing}: {type(info.value).__name__}: {info.value}")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(directory / failing)
     assert sorted(p.name for p in directory.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]  # no temporary files left
+        "adapter_config.json", "adapter_model.safetensors",
+        "lora_lightning.json"]  # no temporary files left
     assert (directory / "adapter_config.json").read_text() == old_config
     _, state = read_adapter(directory)
     assert_states_equal(state, adapter_state_dict(old))

@@ -45,9 +45,9 @@ def cls(tmp_path_factory, sl):
     model, _ = make_served(root, "classify", ["a", "b", "c"], labels=LABELS)
     make_adapters(model, root / "extra", ["d"], "classify", seed=7, labels=LABELS)
     two = shutil.copytree(root / "extra" / "d", root / "two_labels")
-    config = json.loads((two / "adapter_config.json").read_text())
-    config["lora_lightning"]["label_names"] = ["no", "yes"]
-    (two / "adapter_config.json").write_text(json.dumps(config))
+    meta = json.loads((two / "lora_lightning.json").read_text())
+    meta["label_names"] = ["no", "yes"]
+    (two / "lora_lightning.json").write_text(json.dumps(meta))
     corrupt = shutil.copytree(root / "extra" / "d", root / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00not a safetensors file" * 9)
     unsafe = shutil.copytree(root / "extra" / "d", root / "unsafe")
@@ -183,6 +183,7 @@ def test_refused_hot_loads_leave_the_server_serving(cls, sl):
                            {"name": "x", "path": str(root / "two_labels")})
     assert status == 422 and "names 2 labels ['no', 'yes']" in body["error"]
     assert "head has 3 outputs" in body["error"]
+    assert "two_labels/lora_lightning.json" in body["error"]  # the file the labels are in
     assert sl.call(port, "GET", "/adapters")[1]["adapters"] == ["a", "b", "c"]
     _check(_predict(sl, port, "a", TEXTS[3]), ref, "a", TEXTS[3])
 

@@ -13,8 +13,12 @@ Two families, by concept, on a few shared pieces:
 
 The examples use the library only through ``from lora_lightning import ...`` and never
 import ``lora_lightning.app``. transformers and scikit-learn are imported only when a
-model or dataset is built. Every public name is importable from here.
+model or dataset is built. Every public name is importable from here (``LMExport`` is
+imported on first use, so ``python -m lora_lightning.examples.language.export`` runs without
+runpy's warning about a module imported twice).
 """
+
+import importlib
 
 from lora_lightning.examples.classification import (
     ClassifierModule,
@@ -44,7 +48,6 @@ from lora_lightning.examples.language import (
     ContextLengthError,
     InstructionDataModule,
     JsonlFormatError,
-    LMExport,
     ModelPathError,
     TextDataModule,
     hamlet_dialogue,
@@ -91,3 +94,14 @@ __all__ = [
     "split_by_movie",
     "tokenize_texts",
 ]
+_LAZY = {"LMExport": "lora_lightning.examples.language.export"}  # imported on first access
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -2,9 +2,10 @@
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (key names and
 fields translated by :mod:`lora_lightning.io.peft_format`), so an adapter trained here loads
-with ``PeftModel.from_pretrained`` and a PEFT adapter loads here. Both files are written
-through :mod:`lora_lightning.io.atomic`, so a crash mid-save never leaves a half-written
-adapter. Only safetensors weights are read by default.
+with ``PeftModel.from_pretrained`` and a PEFT adapter loads here, and ``lora_lightning.json``,
+this package's own metadata, which PEFT never opens (:mod:`lora_lightning.io.adapter_meta`).
+The files are written through :mod:`lora_lightning.io.atomic`, so a crash mid-save never
+leaves a half-written adapter. Only safetensors weights are read by default.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ from ..registry import (
     lora_param_keys,
     to_model_keys,
 )
+from .adapter_meta import (
+    LABELS_FIELD,
+    META_NAME,
+    SECTION,
+    check_label_names,
+    meta_text,
+    read_meta,
+)
 from .atomic import write_files
 from .peft_format import (
     CONFIG_NAME,
-    SECTION,
     from_peft_config,
     from_peft_keys,
-    parse_config_json,
+    read_config_json,
     to_peft_config,
     to_peft_keys,
 )
@@ -62,21 +70,22 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None,
                  adapter: str | None = None, *, label_names: Sequence[str] | None = None
                  ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``.
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and
+    ``lora_lightning.json`` to ``directory``.
 
     ``adapter`` names which adapter to write (default: the active one, or the only one).
     ``label_names``: the class names of a classifier adapter's head (``modules_to_save``),
-    in output order; they travel in ``adapter_config.json`` (its ``lora_lightning``
-    section, which PEFT ignores) and :func:`read_label_names` gives them back, so an
-    adapter trained on other classes than the base model answers with its own names
-    (the server does). Both files are written to temporary names first and renamed only
-    once both are complete, so a crash or a full disk mid-save leaves the previous adapter
-    loadable.
+    in output order; they travel in ``lora_lightning.json`` (this package's metadata beside
+    PEFT's files, which PEFT never reads; :mod:`lora_lightning.io.adapter_meta`) and
+    :func:`read_label_names` gives them back, so an adapter trained on other classes than
+    the base model answers with its own names (the server does). The files are written to
+    temporary names first and renamed only once all are complete, so a crash or a full
+    disk mid-save leaves the previous adapter loadable.
     """
     from safetensors.torch import save_file
 
     if label_names is not None:
-        label_names = _check_label_names(label_names, "label_names")
+        label_names = check_label_names(label_names, "label_names")
     if adapter is not None:
         known(model, adapter)
     name = adapter or current_adapter(model)
@@ -91,12 +100,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         k: v.detach().cpu().contiguous().clone()
         for k, v in to_peft_keys(model, state, name).items()
     }
-    data = to_peft_config(model, config, name)
-    if label_names is not None:
-        data[SECTION][LABELS_FIELD] = label_names
-    text = json.dumps(data, indent=2, sort_keys=True)
+    text = json.dumps(to_peft_config(model, config, name), indent=2, sort_keys=True)
+    meta = meta_text(config, label_names)
     write_files([(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p))),
-                 (directory / CONFIG_NAME, lambda p: Path(p).write_text(text))],
+                 (directory / CONFIG_NAME, lambda p: Path(p).write_text(text)),
+                 (directory / META_NAME, lambda p: Path(p).write_text(meta))],
                 f"save_adapter wrote nothing; the adapter in {directory} is unchanged")
     return directory
 
@@ -106,14 +114,16 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
     """Read an adapter directory into a config and a state dict with our key names.
 
     Weights are read from ``adapter_model.safetensors``. A directory with only PEFT's older
-    pickled ``adapter_model.bin`` needs ``trusted=True`` (a pickle can run code). Each
-    problem is reported once, naming the file and what is wrong with it.
+    pickled ``adapter_model.bin`` needs ``trusted=True`` (a pickle can run code). The
+    metadata in ``lora_lightning.json``, where present, is checked too (it is not needed to
+    load). Each problem is reported once, naming the file and what is wrong with it.
     """
     directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
     data = _config_json(directory)
-    data.pop(SECTION, None) if isinstance(data, dict) else None
-    config = from_peft_config(data, str(cfg_path))
+    peft = {k: v for k, v in data.items() if k != SECTION} if isinstance(data, dict) else data
+    config = from_peft_config(peft, str(cfg_path))  # without an earlier version's section
+    read_meta(directory, data)  # a malformed lora_lightning.json is refused too
     return config, from_peft_keys(_read_weights(directory, trusted), adapter)
 
 
@@ -126,58 +136,23 @@ def _config_json(directory: Path) -> object:
     if not cfg_path.is_file():
         raise AdapterFileError(f"{cfg_path}: missing; an adapter directory needs {CONFIG_NAME}.",
                                str(cfg_path))
-    try:
-        text = cfg_path.read_text()
-    except UnicodeDecodeError as err:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({err}).", str(cfg_path)) from err
-    except OSError as err:
-        raise AdapterFileError(f"{cfg_path}: unreadable ({err}).", str(cfg_path)) from err
-    return parse_config_json(text, str(cfg_path))  # bounded: size, depth, digits
-
-
-LABELS_FIELD = "label_names"
-MAX_LABEL_CHARS = 200
-
-
-def _check_label_names(names: object, what: str, path: str | None = None) -> list[str]:
-    """``names`` as a list of at least two distinct non-empty strings of at most
-    :data:`MAX_LABEL_CHARS` characters; else an :class:`ArgumentError` (``path`` None: an
-    argument) or an :class:`AdapterFileError` naming the file ``path``, the value received
-    and what would work."""
-    problem = None
-    if isinstance(names, str | bytes) or not isinstance(names, Sequence):
-        problem = f"it is a {type(names).__name__}, not a list"
-    elif len(names) < 2:
-        problem = f"it holds {len(names)} name{'' if len(names) == 1 else 's'}"
-    else:
-        bad = [n for n in names if not isinstance(n, str) or not n or len(n) > MAX_LABEL_CHARS]
-        if bad:
-            problem = f"it holds {str(bad[0])[:40]!r}"
-        elif len(set(names)) < len(names):
-            problem = "it holds a name twice"
-    if problem is None:
-        return list(names)
-    allowed = (f"{problem}; expected a list of at least two distinct class names (non-empty "
-               f"strings of at most {MAX_LABEL_CHARS} characters) in the order of the head's "
-               "outputs, such as ['negative', 'positive']")
-    if path is None:
-        raise ArgumentError("save_adapter", "label_names", names, allowed)
-    shown = repr(names) if len(repr(names)) <= 200 else f"{repr(names)[:200]}..."
-    raise AdapterFileError(f"{what} is {shown}: {allowed}.", path, f"{SECTION}.{LABELS_FIELD}")
+    return read_config_json(cfg_path)  # bounded: size, depth, digits
 
 
 def read_label_names(directory: str | os.PathLike) -> list[str] | None:
     """The class names ``save_adapter(..., label_names=...)`` stored with the adapter in
-    ``directory``, or None when it stores none (a PEFT adapter, or one saved without).
-    A malformed list is an :class:`AdapterFileError` naming the file and the field."""
+    ``directory`` (``lora_lightning.json``; an earlier version's section of
+    ``adapter_config.json``), or None when it stores none (a PEFT adapter, or one saved
+    without). A malformed list is an :class:`AdapterFileError` naming the file and the
+    field."""
     directory = Path(directory)
     data = _config_json(directory)
-    section = data.get(SECTION) if isinstance(data, dict) else None
-    names = section.get(LABELS_FIELD) if isinstance(section, dict) else None
-    if names is None:
-        return None
-    cfg_path = str(directory / CONFIG_NAME)
-    return _check_label_names(names, f"{cfg_path}: field {SECTION}.{LABELS_FIELD}", cfg_path)
+    meta = read_meta(directory, data)  # lora_lightning.json is checked whole
+    names = meta.get(LABELS_FIELD) if meta is not None else None
+    if names is None or (directory / META_NAME).is_file():
+        return names
+    cfg_path, field = str(directory / CONFIG_NAME), f"{SECTION}.{LABELS_FIELD}"
+    return check_label_names(names, f"{cfg_path}: field {field}", cfg_path, field)
 
 
 def _read_weights(directory: Path, trusted: bool) -> dict[str, Tensor]:

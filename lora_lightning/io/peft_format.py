@@ -2,7 +2,9 @@
 
 Files use PEFT's key names (``base_model.model.<module>.lora_A.weight`` ...) and config
 fields, so an adapter trained here loads with ``PeftModel.from_pretrained`` and a PEFT
-adapter loads here. ``adapter_config.json`` is read as untrusted input: every field is
+adapter loads here. ``adapter_config.json`` holds PEFT's fields only (PEFT warns about
+any other); this package's own metadata is a file beside it
+(:mod:`lora_lightning.io.adapter_meta`). It is read as untrusted input: every field is
 checked (type, range), a field this package does not know is refused, and a PEFT feature
 it does not implement is refused rather than silently ignored; each error names the field
 and the file.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -23,8 +26,6 @@ from ..layers.base import param_names
 from ..registry import canonical_name, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
-SECTION = "lora_lightning"
-"""``adapter_config.json``'s own section: our settings, which PEFT ignores."""
 _PREFIX = "base_model.model."
 
 # PEFT features this package does not implement: loading them would silently differ.
@@ -125,7 +126,8 @@ def from_peft_keys(state_dict: dict[str, Tensor], adapter: str = DEFAULT_ADAPTER
 
 # -- reading adapter_config.json --------------------------------------------------------
 MAX_CONFIG_CHARS = 1 << 20
-"""The longest ``adapter_config.json`` read (1 MiB; PEFT's are a few kB)."""
+"""The longest ``adapter_config.json`` (or ``lora_lightning.json``) read (1 MiB; PEFT's are a
+few kB)."""
 MAX_NUMBER_DIGITS = 100
 """Longer integers in ``adapter_config.json`` are kept as an unusable placeholder, so the
 field check that meets one names its field (``int()`` of 5,000 digits raises, naming none)."""
@@ -142,16 +144,21 @@ def _parse_int(text: str) -> int | _LongNumber:
     return int(text) if len(text.lstrip("-")) <= MAX_NUMBER_DIGITS else _LongNumber(text)
 
 
+def _too_long(source: str, size: str) -> AdapterFileError:
+    return AdapterFileError(f"{source}: {size}, more than the {MAX_CONFIG_CHARS:,} characters "
+                            f"a {Path(source).name} may hold.", source)
+
+
 def parse_config_json(text: str, source: str = CONFIG_NAME) -> Any:
-    """Parse the text of an ``adapter_config.json`` as untrusted input.
+    """Parse the text of an adapter directory's JSON file (``adapter_config.json``,
+    ``lora_lightning.json``) as untrusted input.
 
     Every failure is one :class:`AdapterFileError` naming ``source``: invalid JSON, a file
     over :data:`MAX_CONFIG_CHARS`, nesting too deep for the parser (``RecursionError``).
-    Huge integers are left for :func:`from_peft_config` to refuse, naming their field.
+    Huge integers are left for the field checks to refuse, naming their field.
     """
     if len(text) > MAX_CONFIG_CHARS:
-        raise AdapterFileError(f"{source}: {len(text):,} characters, more than the "
-                               f"{MAX_CONFIG_CHARS:,} an adapter_config.json may hold.", source)
+        raise _too_long(source, f"{len(text):,} characters")
     try:
         return json.loads(text, parse_int=_parse_int)
     except RecursionError as err:
@@ -159,6 +166,24 @@ def parse_config_json(text: str, source: str = CONFIG_NAME) -> Any:
                                "deeply to parse).", source) from err
     except ValueError as err:  # json.JSONDecodeError is a ValueError
         raise AdapterFileError(f"{source}: not valid JSON ({err}).", source) from err
+
+
+def read_config_json(path: Path) -> Any:
+    """Read and parse the JSON file ``path`` of an adapter directory as untrusted input
+    (:func:`parse_config_json`); at most ``4 * MAX_CONFIG_CHARS`` bytes are read, so a huge
+    file is refused without being loaded. Errors are :class:`AdapterFileError` naming it."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4 * MAX_CONFIG_CHARS + 1)  # UTF-8: at most 4 bytes a character
+        text = raw.decode("utf-8") if len(raw) <= 4 * MAX_CONFIG_CHARS else None
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{source}: not valid JSON ({err}).", source) from err
+    except OSError as err:
+        raise AdapterFileError(f"{source}: unreadable ({err}).", source) from err
+    if text is None:
+        raise _too_long(source, f"over {4 * MAX_CONFIG_CHARS:,} bytes")
+    return parse_config_json(text, source)
 
 
 # -- config translation ---------------------------------------------------------------
@@ -194,7 +219,6 @@ def to_peft_config(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_
         "bias": config.bias,
         "modules_to_save": config.modules_to_save,
         "fan_in_fan_out": any(type(m).fan_in_fan_out for m in layers.values()),
-        SECTION: config.to_dict(),
     }
 
 

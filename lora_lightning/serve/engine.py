@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import delete_adapter, list_adapters, load_adapter, per_sample_adapters
 from ..errors import AdapterFileError, LoRAError
-from ..io.adapter_files import CONFIG_NAME, LABELS_FIELD, SECTION, read_label_names
+from ..io.adapter_files import CONFIG_NAME, LABELS_FIELD, META_NAME, SECTION, read_label_names
 from ..registry import AdapterNameError, check_name
 from .app_checkpoint import INPUTS, is_checkpoint, load_app_checkpoint, read_run_config
 
@@ -154,11 +154,15 @@ class ServedModel:
         classifier's; their number must be the model's)."""
         labels = read_label_names(path) if self.task == CLASSIFY else None
         if labels is not None and len(labels) != len(self.labels):
+            # The file they came from: lora_lightning.json, or an older directory's section
+            # of adapter_config.json.
+            where, key = ((path / META_NAME, LABELS_FIELD) if (path / META_NAME).is_file()
+                          else (path / CONFIG_NAME, f"{SECTION}.{LABELS_FIELD}"))
             raise AdapterFileError(
-                f"{path / CONFIG_NAME}: adapter {name!r} names {len(labels)} labels "
+                f"{where}: adapter {name!r} names {len(labels)} labels "
                 f"{labels}, but the served model's head has {len(self.labels)} outputs "
                 f"({self.labels}); save the adapter with one name per output of the head",
-                str(path / CONFIG_NAME), f"{SECTION}.{LABELS_FIELD}")
+                str(where), key)
         load_adapter(self.model, path, adapter=name)
         if labels is not None:
             self.adapter_labels[name] = labels

@@ -8,8 +8,12 @@
   perplexity and generations before and after.
 - :mod:`~lora_lightning.examples.language.export`: ``LMExport``, a merged folder for
   transformers and an adapter for PEFT (``python -m
-  lora_lightning.examples.language.export``).
+  lora_lightning.examples.language.export``). Imported on first use of ``LMExport``, so
+  that running the module with ``python -m`` does not find it imported already (runpy
+  warns then).
 """
+
+import importlib
 
 from .data import (
     InstructionDataModule,
@@ -19,7 +23,6 @@ from .data import (
     hamlet_path,
     read_jsonl,
 )
-from .export import LMExport
 from .model import (
     ContextLengthError,
     ModelPathError,
@@ -28,6 +31,18 @@ from .model import (
     smollm2_dir,
 )
 from .module import CausalLMModule
+
+_LAZY = {"LMExport": "export"}  # name -> submodule, imported on first access
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "CausalLMModule",
