@@ -44,3 +44,26 @@ def test_the_smoke_mode_runs_a_single_device_mode_and_skips_fsdp(tmp_path):
     assert got["single", "resume"]["max_diff"] == 0.0 and got["single", "load"]["max_diff"] == 0.0
     assert got["fsdp", "skipped"]["ok"] is None and "CUDA" in got["fsdp", "skipped"]["reason"]
     assert got[None, "summary"]["failed"] == []
+
+
+def test_a_mode_whose_process_fails_is_a_failure_in_the_summary_and_the_exit_code(tmp_path):
+    """Without lightning each mode's process exits 1 before any step: the summary lists
+    those processes under ``failed`` and the script exits non-zero (it said ``"failed": []``
+    and exited 0)."""
+    absent = tmp_path / "absent"
+    (absent / "lightning").mkdir(parents=True)
+    (absent / "lightning" / "__init__.py").write_text(
+        "raise ImportError('lightning is not installed here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(absent), str(ROOT)]))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--modes", "single32", "single", "fsdp",
+         "--root", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    processes = [r for r in lines if r.get("step") == "process"]
+    assert [(r["mode"], r["ok"], r["returncode"]) for r in processes] == [
+        ("single32", False, 1), ("single", False, 1)], proc.stdout
+    assert all("lightning is not installed here" in r["stderr_tail"] for r in processes)
+    assert lines[-1]["step"] == "summary"
+    assert lines[-1]["failed"] == ["single32:process", "single:process"]
+    assert proc.returncode == 1, proc.stderr[-3000:]

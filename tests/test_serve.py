@@ -277,3 +277,77 @@ def test_readme_server_example_runs_as_printed(tmp_path, sl, monkeypatch):
     assert answers[3]["adapter"] is None
     assert answers[4] == {"deleted": "party", "adapters": ["sentiment"]}
     assert answers[5] == {"loaded": "party", "adapters": ["sentiment", "party"]}
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc/<pid>/stat's ppid field)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_server_stops_all_its_processes_and_frees_the_port(tmp_path, sl, sig):
+    """``kill <pid>`` (SIGTERM) or Ctrl-C (SIGINT) sent to the server's process only (it is
+    started as the README starts it, in the caller's process group): within seconds no
+    process it started is left running and the port can be bound again."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    model, _ = make_served(tmp_path, "classify", ["a"])
+    port = sl.free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(sl.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lora_lightning.serve", "--model", str(model),
+             "--adapters", str(tmp_path / "adapters"), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if sl.call(port, "GET", "/adapters", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer GET /adapters"
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        assert len(children) >= 2  # LitServe's HTTP worker and inference worker at least
+        proc.send_signal(getattr(signal, sig))
+        deadline = time.monotonic() + 10
+        while (proc.poll() is None or any(map(_running, children))) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is not None, f"the server is still running 10 s after {sig}"
+        assert [pid for pid in children if _running(pid)] == [], (
+            f"processes the server started outlive it after {sig}")
+        with socket.socket() as s:  # as uvicorn binds; fails while anything listens
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    finally:
+        for pid in [proc.pid, *children]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=15)

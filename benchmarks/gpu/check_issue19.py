@@ -367,21 +367,22 @@ def drive(args) -> int:
             out, rc, tail = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) \
                 else (err.stdout or ""), "timeout", ""
         lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        if rc != 0:  # a crash, a timeout or an import error: a failure like a failed step
+            lines.append({"mode": mode, "step": "process", "ok": False, "returncode": rc,
+                          "stderr_tail": tail})
         for line in lines:
             print(json.dumps(line), flush=True)
-        if rc != 0:
-            emit(mode=mode, step="process", ok=False, returncode=rc, stderr_tail=tail)
         results += lines
     peaks = {r["mode"]: r["peak_gib"] for r in results if r.get("step") == "fit"
              and r.get("peak_gib")}
     ref = {"fp32": peaks.get("single32"), "bf16": peaks.get("single")}
-    emit(step="summary", elapsed_s=round(time.perf_counter() - started, 1),
-         failed=sorted({f"{r['mode']}:{r['step']}" for r in results if r.get("ok") is False}),
+    failed = sorted({f"{r['mode']}:{r['step']}" for r in results if r.get("ok") is False})
+    emit(step="summary", elapsed_s=round(time.perf_counter() - started, 1), failed=failed,
          peak_gib=peaks, peak_vs_single={
              m: round(p / ref["bf16" if m == "fsdp_bf16" else "fp32"], 3)
              for m, p in peaks.items()
              if m.startswith("fsdp") and ref["bf16" if m == "fsdp_bf16" else "fp32"]})
-    return 0
+    return 1 if failed else 0
 
 
 def main() -> int:

@@ -5,7 +5,7 @@
 # tests/gpu, then benchmarks/gpu/check_issue19.py (single device, FSDP with an auto-wrap policy,
 # with activation checkpointing, sharded state dicts, ModelParallelStrategy; see its docstring).
 # Results: JSON lines on stdout and in $OUT/issue19.jsonl, pytest's tail in $OUT/pytest_gpu.txt.
-set -u
+set -uo pipefail  # the exit status is check_issue19.py's: 1 when a step failed
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/tests TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=${PY:-python3}

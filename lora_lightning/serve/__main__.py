@@ -1,9 +1,19 @@
 """``python -m lora_lightning.serve --model <folder or app checkpoint> --adapters <folder>
---port 8000``."""
+--port 8000``.
+
+SIGTERM (``kill <pid>``) stops the server as Ctrl-C does: LitServe's ``run`` shuts its
+HTTP worker, inference worker and queue manager down on ``KeyboardInterrupt``, so the
+server's own process turns SIGTERM into one. Without that, SIGTERM killed only this process
+and left its workers running, still listening on the port.
+"""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import signal
+import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +44,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM raises ``KeyboardInterrupt`` in this process. The processes LitServe forks
+    inherit the handler; in them SIGTERM keeps its default action, which LitServe's shutdown
+    (``terminate()``) and uvicorn's (it raises the signal again once done) rely on."""
+    pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _end_children(grace: float = 5) -> None:
+    """Terminate (then kill, after ``grace`` seconds) the processes LitServe started that are
+    still alive: a signal during start-up, or a second one during LitServe's shutdown, cuts
+    ``LitServer.run`` short of stopping them."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from .engine import adapter_dirs, folder_task
@@ -45,8 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     server = build_server(args.model, args.adapters, task, max_batch_size=args.max_batch_size,
                           batch_timeout=args.batch_timeout, max_new_tokens=args.max_new_tokens,
                           accelerator=args.accelerator)
-    server.run(host=args.host, port=args.port, log_level=args.log_level,
-               generate_client_file=False)
+    _interrupt_on_sigterm()
+    try:
+        server.run(host=args.host, port=args.port, log_level=args.log_level,
+                   generate_client_file=False)
+    finally:
+        _end_children()
 
 
 if __name__ == "__main__":
