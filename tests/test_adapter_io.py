@@ -4,6 +4,7 @@ PEFT in both directions, and errors that name the offending file."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -211,6 +212,8 @@ def test_file_layout(variant, tmp_path):
     assert data["modules_to_save"] == ["head"]
     assert "lora_lightning" not in data  # ours is lora_lightning.json: PEFT warns about it
     meta = json.loads((tmp_path / "lora_lightning.json").read_text())
+    paired = meta.pop("adapter_config_sha256")  # ties it to the adapter_config.json beside it
+    assert paired == hashlib.sha256((tmp_path / "adapter_config.json").read_bytes()).hexdigest()
     assert LoRAConfig.from_dict(meta) == our_config(variant)
     adapted = set(lora_layers(model))
     names = [n for n, _ in model.named_modules() if n]
@@ -632,11 +635,16 @@ def test_a_directory_written_before_lora_lightning_json_keeps_its_metadata(tmp_p
 
 
 def test_lora_lightning_json_and_an_old_section_that_disagree_are_refused(tmp_path):
+    """A lora_lightning.json without the SHA-256 of its adapter_config.json cannot tell
+    which of the two is newer: where both hold label names they must agree."""
     from lora_lightning.io.adapter_files import read_label_names
 
     model, _ = trained()
     directory = save_adapter(model, tmp_path / "a", label_names=["a", "b", "c"])
-    meta = json.loads((directory / "lora_lightning.json").read_text())
+    path = directory / "lora_lightning.json"
+    meta = json.loads(path.read_text())
+    del meta["adapter_config_sha256"]
+    path.write_text(json.dumps(meta))
     _edit_config(directory, lora_lightning=meta)  # the same: fine
     assert read_label_names(directory) == ["a", "b", "c"]
     _edit_config(directory, lora_lightning={**meta, "label_names": ["c", "b", "a"]})
@@ -644,6 +652,65 @@ def test_lora_lightning_json_and_an_old_section_that_disagree_are_refused(tmp_pa
                        r"'b', 'c'\] differ from \['c', 'b', 'a'\], in the 'lora_lightning' "
                        r"section of .*adapter_config\.json"):
         read_label_names(directory)
+
+
+def test_metadata_left_from_an_earlier_save_is_ignored_with_a_warning(tmp_path):
+    """PEFT's save_pretrained (or any other writer) replaces adapter_config.json and the
+    weights but leaves lora_lightning.json: its label names belong to the old adapter."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from lora_lightning.io.adapter_files import read_label_names
+
+    model, _ = trained()
+    directory = save_adapter(model, tmp_path / "a", label_names=["a", "b", "c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pair as saved: no warning
+        assert read_label_names(directory) == ["a", "b", "c"]
+    other = peft.get_peft_model(base_model(), peft.LoraConfig(r=4, target_modules=["lin"]))
+    other.save_pretrained(str(directory))
+    assert (directory / "lora_lightning.json").is_file()
+    with pytest.warns(UserWarning, match=r"lora_lightning\.json was saved with another "
+                      r"adapter_config\.json .*PEFT's save_pretrained.*ignored"):
+        assert read_label_names(directory) is None
+    with pytest.warns(UserWarning, match="ignored"):
+        config, _ = read_adapter(directory)
+    assert config.r == 4  # PEFT's adapter, not the one the stale file describes
+
+
+@pytest.mark.parametrize("kind", ["directory", "broken link", "pipe"])
+def test_a_lora_lightning_json_that_is_not_a_file_is_refused(tmp_path, kind):
+    import os
+
+    model, _ = trained()
+    directory = save_adapter(model, tmp_path / "a", label_names=["a", "b", "c"])
+    path = directory / "lora_lightning.json"
+    path.unlink()
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "broken link":
+        path.symlink_to(tmp_path / "nowhere.json")
+    else:
+        os.mkfifo(path)  # never opened: reading it would block
+    fresh = base_model()
+    before = state(fresh)
+    with pytest.raises(AdapterFileError, match=r"lora_lightning\.json: not a regular file"):
+        load_adapter(fresh, directory)
+    assert_state(fresh, before)
+
+
+def test_saving_over_a_directory_in_the_way_changes_nothing(tmp_path):
+    model, _ = trained()
+    directory = save_adapter(model, tmp_path / "a")
+    files = {p.name: p.read_bytes() for p in directory.iterdir()}
+    (directory / "lora_lightning.json").unlink()
+    (directory / "lora_lightning.json").mkdir()
+    randomize_adapters(model, 5, select=is_trainable)
+    with pytest.raises(OSError, match=r"a directory is in the way of the file; save_adapter "
+                       r"wrote nothing"):
+        save_adapter(model, directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()} == {
+        k: v for k, v in files.items() if k != "lora_lightning.json"}
 
 
 def _meta_not_object(path):

@@ -64,6 +64,7 @@ SOURCE = _trained()
 _WORK = Path(tempfile.mkdtemp(prefix="lora-fuzz-"))
 ADAPTER = save_adapter(SOURCE, _WORK / "adapter")
 CONFIG_TEXT = (ADAPTER / "adapter_config.json").read_text()
+META_TEXT = (ADAPTER / "lora_lightning.json").read_text()
 WEIGHTS = load_file(str(ADAPTER / "adapter_model.safetensors"))
 CKPT_STATE = {k: v.clone() for k, v in SOURCE.state_dict().items()}
 strip_to_adapter(SOURCE, CKPT_STATE)
@@ -147,11 +148,20 @@ def refused_or_faithful(model, before, load, expected) -> str:
 
 
 @FUZZ
-@given(data=st.data(), what=st.sampled_from(["bytes", "json", "tensor"]))
+@given(data=st.data(), what=st.sampled_from(["bytes", "json", "tensor", "meta"]))
 def test_mutated_adapter_directories(data, what):
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        config_text, weights = CONFIG_TEXT, dict(WEIGHTS)
+        config_text, weights, meta_text = CONFIG_TEXT, dict(WEIGHTS), META_TEXT
+        if what == "meta":  # lora_lightning.json: a field's value, or its bytes
+            meta = json.loads(meta_text)
+            if data.draw(st.booleans()):
+                field = data.draw(st.sampled_from(sorted(meta) + ["extra_field"]))
+                meta[field] = data.draw(json_values)
+                meta_text = json.dumps(meta)
+            else:
+                meta_text = flip_bytes(meta_text.encode(), data).decode("latin-1")
+        (directory / "lora_lightning.json").write_text(meta_text, encoding="latin-1")
         weights_raw = None
         if what == "json":
             cfg = json.loads(config_text)

@@ -101,10 +101,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         for k, v in to_peft_keys(model, state, name).items()
     }
     text = json.dumps(to_peft_config(model, config, name), indent=2, sort_keys=True)
-    meta = meta_text(config, label_names)
+    meta = meta_text(config, label_names, text)
     write_files([(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p))),
-                 (directory / CONFIG_NAME, lambda p: Path(p).write_text(text)),
-                 (directory / META_NAME, lambda p: Path(p).write_text(meta))],
+                 (directory / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8")),
+                 (directory / META_NAME, lambda p: Path(p).write_text(meta, encoding="utf-8"))],
                 f"save_adapter wrote nothing; the adapter in {directory} is unchanged")
     return directory
 

@@ -10,7 +10,11 @@ PEFT never opens it (``PeftModel.from_pretrained`` warns about any key of
 ``adapter_config.json`` its ``LoraConfig`` lacks, so nothing of ours goes there), and a
 directory without it (a PEFT adapter) loads the same. It is untrusted input like
 ``adapter_config.json``: size, nesting and digits are bounded, every key is checked, and a
-malformed file is refused, naming it and the key, before anything changes a model.
+malformed file is refused, naming it and the key, before anything changes a model; so is
+something other than a regular file in its place. It holds the SHA-256 of the
+``adapter_config.json`` saved with it: where another writer (PEFT's ``save_pretrained``, an
+older lora-lightning) has replaced the adapter since and left this file behind, it is
+ignored with a warning instead of lending its label names to another adapter.
 
 Directories saved by earlier versions kept the same object as a ``"lora_lightning"``
 section of ``adapter_config.json``; it is still read (never written), and where a directory
@@ -19,8 +23,10 @@ holds both they must agree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,14 +41,22 @@ SECTION = "lora_lightning"
 """The ``adapter_config.json`` section where earlier versions kept the same metadata (read
 for their directories, never written: PEFT warns about it)."""
 LABELS_FIELD = "label_names"
+PAIRED_FIELD = "adapter_config_sha256"
+"""The SHA-256 of the ``adapter_config.json`` saved together with ``lora_lightning.json``."""
 MAX_LABEL_CHARS = 200
 
 
-def meta_text(config: LoRAConfig, label_names: Sequence[str] | None = None) -> str:
-    """The text of ``lora_lightning.json`` for an adapter saved with ``config``."""
+def meta_text(config: LoRAConfig, label_names: Sequence[str] | None = None,
+              config_text: str | None = None) -> str:
+    """The text of ``lora_lightning.json`` for an adapter saved with ``config``;
+    ``config_text``: the ``adapter_config.json`` written beside it, whose SHA-256 ties the
+    two files together (:func:`read_meta` ignores the metadata when another writer, such
+    as PEFT's ``save_pretrained``, has since replaced that file)."""
     data = config.to_dict()
     if label_names is not None:
         data[LABELS_FIELD] = list(label_names)
+    if config_text is not None:
+        data[PAIRED_FIELD] = hashlib.sha256(config_text.encode()).hexdigest()
     return json.dumps(data, indent=2, sort_keys=True)
 
 
@@ -95,7 +109,14 @@ def _check_meta(data: Any, path: str) -> dict[str, Any]:
         raise AdapterFileError(f"{path}: expected a JSON object of LoRAConfig fields and "
                                f"{LABELS_FIELD!r}, got {type(data).__name__}; {_redo(path)}.",
                                path)
-    fields = {k: v for k, v in data.items() if k != LABELS_FIELD}
+    paired = data.get(PAIRED_FIELD)
+    if paired is not None and not (isinstance(paired, str) and len(paired) == 64
+                                   and all(c in "0123456789abcdef" for c in paired)):
+        shown = repr(paired) if len(repr(paired)) <= 80 else f"{repr(paired)[:80]}..."
+        raise AdapterFileError(f"{path}: field {PAIRED_FIELD!r} is {shown}: expected the "
+                               f"64 hex digits of {CONFIG_NAME}'s SHA-256; {_redo(path)}.",
+                               path, PAIRED_FIELD)
+    fields = {k: v for k, v in data.items() if k not in (LABELS_FIELD, PAIRED_FIELD)}
     try:
         LoRAConfig.from_dict(fields)
     except ConfigError as err:
@@ -115,10 +136,30 @@ def read_meta(directory: str | os.PathLike, config_data: Any = None) -> dict[str
     is an :class:`AdapterFileError` naming the file."""
     directory = Path(directory)
     legacy = config_data.get(SECTION) if isinstance(config_data, dict) else None
+    legacy = legacy if isinstance(legacy, dict) else None
     path = directory / META_NAME
+    if os.path.lexists(path) and not path.is_file():
+        raise AdapterFileError(
+            f"{path}: not a regular file (a directory, a device, a pipe or a broken link); "
+            f"expected the JSON file save_adapter writes; {_redo(str(path))}.", str(path))
     if not path.is_file():
-        return legacy if isinstance(legacy, dict) else None
+        return legacy
     meta = _check_meta(_read(path), str(path))
+    paired = meta.get(PAIRED_FIELD)
+    if paired is not None:
+        try:
+            current = hashlib.sha256((directory / CONFIG_NAME).read_bytes()).hexdigest()
+        except OSError as err:
+            raise AdapterFileError(f"{directory / CONFIG_NAME}: unreadable ({err}).",
+                                   str(directory / CONFIG_NAME)) from err
+        if current != paired:
+            warnings.warn(
+                f"{path} was saved with another {CONFIG_NAME} than the one now beside it "
+                "(something else, such as PEFT's save_pretrained, has written the adapter "
+                "since), so its label names and settings are ignored. Save the adapter with "
+                f"lora_lightning's save_adapter to keep them, or delete {path}.",
+                UserWarning, stacklevel=3)
+            return legacy
     theirs = legacy.get(LABELS_FIELD) if isinstance(legacy, dict) else None
     if theirs is not None and theirs != meta.get(LABELS_FIELD):
         raise AdapterFileError(

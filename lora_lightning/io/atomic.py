@@ -24,6 +24,7 @@ Write errors are ``OSError`` naming the target file and saying what was kept.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -139,6 +140,12 @@ def write_files(files: Sequence[tuple[str | os.PathLike, Writer]], kept: str) ->
     unchanged"``). Stale temporaries of the same targets (see :func:`is_stale`) are
     removed after a successful write.
     """
+    for target, _ in files:
+        # os.replace cannot put a file over a directory; finding out only at the rename
+        # would leave the targets renamed before it replaced, so refuse before any change.
+        if Path(target).is_dir() and not Path(target).is_symlink():
+            raise _write_error(Path(target), IsADirectoryError(
+                errno.EISDIR, "a directory is in the way of the file"), kept)
     staged: list[tuple[Path, Path]] = []
     renamed: list[Path] = []
     try:
