@@ -18,8 +18,7 @@ imported on first use, so ``python -m lora_lightning.examples.language.export`` 
 runpy's warning about a module imported twice).
 """
 
-import importlib
-
+from lora_lightning.examples import language
 from lora_lightning.examples.classification import (
     ClassifierModule,
     DataFileError,
@@ -94,14 +93,13 @@ __all__ = [
     "split_by_movie",
     "tokenize_texts",
 ]
-_LAZY = {"LMExport": "lora_lightning.examples.language.export"}  # imported on first access
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in language._LAZY:  # LMExport: the language package imports it on first use
+        return getattr(language, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(language._LAZY))

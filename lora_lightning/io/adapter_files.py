@@ -57,7 +57,8 @@ from .peft_format import (
     CONFIG_NAME,
     from_peft_config,
     from_peft_keys,
-    read_config_json,
+    parse_config_json,
+    read_config_text,
     to_peft_config,
     to_peft_keys,
 )
@@ -120,15 +121,16 @@ def read_adapter(directory: str | os.PathLike, *, trusted: bool = False,
     """
     directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
-    data = _config_json(directory)
+    text, data = _config_json(directory)
     peft = {k: v for k, v in data.items() if k != SECTION} if isinstance(data, dict) else data
     config = from_peft_config(peft, str(cfg_path))  # without an earlier version's section
-    read_meta(directory, data)  # a malformed lora_lightning.json is refused too
+    read_meta(directory, text, data)  # a malformed lora_lightning.json is refused too
     return config, from_peft_keys(_read_weights(directory, trusted), adapter)
 
 
-def _config_json(directory: Path) -> object:
-    """The parsed ``adapter_config.json`` of ``directory``, read as untrusted input."""
+def _config_json(directory: Path) -> tuple[str, object]:
+    """The text of ``adapter_config.json`` in ``directory`` and its parsed content, read as
+    untrusted input."""
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {str(directory)!r} does not exist.",
                                str(directory))
@@ -136,7 +138,8 @@ def _config_json(directory: Path) -> object:
     if not cfg_path.is_file():
         raise AdapterFileError(f"{cfg_path}: missing; an adapter directory needs {CONFIG_NAME}.",
                                str(cfg_path))
-    return read_config_json(cfg_path)  # bounded: size, depth, digits
+    text = read_config_text(cfg_path)  # bounded: size, UTF-8
+    return text, parse_config_json(text, str(cfg_path))  # bounded: depth, digits
 
 
 def read_label_names(directory: str | os.PathLike) -> list[str] | None:
@@ -146,8 +149,7 @@ def read_label_names(directory: str | os.PathLike) -> list[str] | None:
     without). A malformed list is an :class:`AdapterFileError` naming the file and the
     field."""
     directory = Path(directory)
-    data = _config_json(directory)
-    meta = read_meta(directory, data)  # lora_lightning.json is checked whole
+    meta = read_meta(directory, *_config_json(directory))  # lora_lightning.json checked whole
     names = meta.get(LABELS_FIELD) if meta is not None else None
     if names is None or (directory / META_NAME).is_file():
         return names

@@ -128,12 +128,14 @@ def _check_meta(data: Any, path: str) -> dict[str, Any]:
     return data
 
 
-def read_meta(directory: str | os.PathLike, config_data: Any = None) -> dict[str, Any] | None:
+def read_meta(directory: str | os.PathLike, config_text: str,
+              config_data: Any) -> dict[str, Any] | None:
     """The metadata ``save_adapter`` stored with the adapter in ``directory``: the checked
-    ``lora_lightning.json``, else an earlier version's ``"lora_lightning"`` section of
-    ``adapter_config.json`` (``config_data``, its parsed content, if the caller has read it),
-    else None (a PEFT adapter). A malformed file, or the two holding different label names,
-    is an :class:`AdapterFileError` naming the file."""
+    ``lora_lightning.json`` if it was saved with the ``adapter_config.json`` whose text and
+    parsed content the caller has read (``config_text``, ``config_data``), else an earlier
+    version's ``"lora_lightning"`` section of that file, else None (a PEFT adapter). A
+    malformed file, or the two holding different label names, is an
+    :class:`AdapterFileError` naming the file."""
     directory = Path(directory)
     legacy = config_data.get(SECTION) if isinstance(config_data, dict) else None
     legacy = legacy if isinstance(legacy, dict) else None
@@ -147,12 +149,7 @@ def read_meta(directory: str | os.PathLike, config_data: Any = None) -> dict[str
     meta = _check_meta(_read(path), str(path))
     paired = meta.get(PAIRED_FIELD)
     if paired is not None:
-        try:
-            current = hashlib.sha256((directory / CONFIG_NAME).read_bytes()).hexdigest()
-        except OSError as err:
-            raise AdapterFileError(f"{directory / CONFIG_NAME}: unreadable ({err}).",
-                                   str(directory / CONFIG_NAME)) from err
-        if current != paired:
+        if hashlib.sha256(config_text.encode()).hexdigest() != paired:
             warnings.warn(
                 f"{path} was saved with another {CONFIG_NAME} than the one now beside it "
                 "(something else, such as PEFT's save_pretrained, has written the adapter "

@@ -168,10 +168,10 @@ def parse_config_json(text: str, source: str = CONFIG_NAME) -> Any:
         raise AdapterFileError(f"{source}: not valid JSON ({err}).", source) from err
 
 
-def read_config_json(path: Path) -> Any:
-    """Read and parse the JSON file ``path`` of an adapter directory as untrusted input
-    (:func:`parse_config_json`); at most ``4 * MAX_CONFIG_CHARS`` bytes are read, so a huge
-    file is refused without being loaded. Errors are :class:`AdapterFileError` naming it."""
+def read_config_text(path: Path) -> str:
+    """The text of the JSON file ``path`` of an adapter directory, read as untrusted input:
+    at most ``4 * MAX_CONFIG_CHARS`` bytes are read, so a huge file is refused without being
+    loaded, and it must be UTF-8. Errors are :class:`AdapterFileError` naming it."""
     source = str(path)
     try:
         with open(path, "rb") as f:
@@ -183,7 +183,13 @@ def read_config_json(path: Path) -> Any:
         raise AdapterFileError(f"{source}: unreadable ({err}).", source) from err
     if text is None:
         raise _too_long(source, f"over {4 * MAX_CONFIG_CHARS:,} bytes")
-    return parse_config_json(text, source)
+    return text
+
+
+def read_config_json(path: Path) -> Any:
+    """Read (:func:`read_config_text`) and parse (:func:`parse_config_json`) the JSON file
+    ``path`` of an adapter directory as untrusted input."""
+    return parse_config_json(read_config_text(path), str(path))
 
 
 # -- config translation ---------------------------------------------------------------
